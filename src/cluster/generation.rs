@@ -1,0 +1,156 @@
+//! Generations: the identity of a line of data history (DESIGN.md §5).
+//!
+//! A generation is a random 64-bit id. `create-md` starts every node at the
+//! fixed generation 0; a Primary starts a fresh one when it is promoted and
+//! whenever it loses a data peer. Each data node remembers the ids its data
+//! descends from (its history, newest first), so two nodes can tell on
+//! connect whether one's data is an ancestor of the other's (the older one
+//! resyncs) or whether the lines diverged (split-brain).
+
+use std::fmt;
+
+use serde::{Serialize, Serializer};
+
+/// At most this many ancestors are remembered. A generation starts on each
+/// promotion and each peer loss, so 64 covers far more history than two
+/// nodes can drift apart between connections; beyond it, a node whose
+/// generation has fallen out of the window is treated as unrelated (a
+/// reported split-brain, never a silent overwrite).
+pub const MAX_GENERATION_HISTORY: usize = 64;
+
+/// One line of data history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Generation(pub u64);
+
+impl Generation {
+    /// What `create-md` writes: no history yet, never promoted.
+    pub const INITIAL: Generation = Generation(0);
+
+    /// A fresh random id, never 0.
+    pub fn random() -> Generation {
+        loop {
+            let id: u64 = rand::random();
+            if id != 0 {
+                return Generation(id);
+            }
+        }
+    }
+}
+
+impl fmt::Display for Generation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl Serialize for Generation {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+/// A data generation with the ids it descends from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lineage {
+    pub current: Generation,
+    /// Ancestors, newest first, at most [`MAX_GENERATION_HISTORY`].
+    pub history: Vec<Generation>,
+}
+
+/// How two lineages relate, from the point of view of `self`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Relation {
+    /// Same generation: in sync up to the bitmaps.
+    Equal,
+    /// The other lineage descends from ours: we are behind.
+    Older,
+    /// Ours descends from the other: it is behind.
+    Newer,
+    /// Neither descends from the other: split-brain.
+    Diverged,
+}
+
+impl Lineage {
+    pub fn initial() -> Lineage {
+        Lineage {
+            current: Generation::INITIAL,
+            history: Vec::new(),
+        }
+    }
+
+    /// Whether `generation` is this lineage's current id or one of its ancestors.
+    pub fn contains(&self, generation: Generation) -> bool {
+        self.current == generation || self.history.contains(&generation)
+    }
+
+    /// Moves to `next`, pushing the current id into the history.
+    pub fn advance(&mut self, next: Generation) {
+        debug_assert_ne!(next, self.current, "a new generation must differ");
+        self.history.insert(0, self.current);
+        self.history.truncate(MAX_GENERATION_HISTORY);
+        self.current = next;
+    }
+
+    pub fn relation_to(&self, other: &Lineage) -> Relation {
+        if self.current == other.current {
+            Relation::Equal
+        } else if other.history.contains(&self.current) {
+            Relation::Older
+        } else if self.history.contains(&other.current) {
+            Relation::Newer
+        } else {
+            Relation::Diverged
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn relations() {
+        let mut a = Lineage::initial();
+        let b = a.clone();
+        assert_eq!(a.relation_to(&b), Relation::Equal);
+        a.advance(Generation(7));
+        assert_eq!(a.relation_to(&b), Relation::Newer);
+        assert_eq!(b.relation_to(&a), Relation::Older);
+        let mut c = b.clone();
+        c.advance(Generation(9));
+        assert_eq!(a.relation_to(&c), Relation::Diverged);
+        assert_eq!(c.relation_to(&a), Relation::Diverged);
+    }
+
+    proptest! {
+        /// Relations are antisymmetric: if a is older than b, b is newer than a,
+        /// and divergence is mutual.
+        #[test]
+        fn relation_is_antisymmetric(steps_a in prop::collection::vec(1u64..20, 0..10),
+                                     steps_b in prop::collection::vec(1u64..20, 0..10),
+                                     shared in 0usize..10) {
+            let mut base = Lineage::initial();
+            let mut next = 100u64;
+            for _ in 0..shared { base.advance(Generation(next)); next += 1; }
+            let mut a = base.clone();
+            let mut b = base.clone();
+            for s in steps_a { a.advance(Generation(next * 1000 + s)); next += 1; }
+            for s in steps_b { b.advance(Generation(next * 1000 + s)); next += 1; }
+            let expected = match a.relation_to(&b) {
+                Relation::Equal => Relation::Equal,
+                Relation::Older => Relation::Newer,
+                Relation::Newer => Relation::Older,
+                Relation::Diverged => Relation::Diverged,
+            };
+            prop_assert_eq!(b.relation_to(&a), expected);
+        }
+
+        #[test]
+        fn history_is_bounded(count in 0usize..200) {
+            let mut lineage = Lineage::initial();
+            for i in 0..count { lineage.advance(Generation(i as u64 + 1)); }
+            prop_assert!(lineage.history.len() <= MAX_GENERATION_HISTORY);
+        }
+    }
+}

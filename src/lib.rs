@@ -1,0 +1,13 @@
+//! hablk: a replicated block device in user space.
+//!
+//! The modules follow the data flow of DESIGN.md §0: [`nbd`] speaks to
+//! clients, [`volume`] is the write path (role and quorum gate, then
+//! storage and peers), [`storage`] does the backing I/O, [`meta`] keeps the
+//! on-disk metadata, [`cluster`] owns roles, generations and quorum, and
+//! [`control`] answers the CLI over a unix socket. [`daemon`] wires them
+//! together for `hablk up`.
+
+pub mod cluster;
+pub mod config;
+pub mod meta;
+pub mod storage;
