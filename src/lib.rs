@@ -5,9 +5,14 @@
 //! storage and peers), [`storage`] does the backing I/O, [`meta`] keeps the
 //! on-disk metadata, [`cluster`] owns roles, generations and quorum, and
 //! [`control`] answers the CLI over a unix socket. [`daemon`] wires them
-//! together for `hablk up`.
+//! together for `hablk up`; [`commands`] is what each CLI command does.
 
 pub mod cluster;
+pub mod commands;
 pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod meta;
+pub mod nbd;
 pub mod storage;
+pub mod volume;

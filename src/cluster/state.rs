@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The role of a node.
 ///
@@ -15,7 +15,7 @@ use serde::Serialize;
 ///       └──────── secondary / down / newer generation ──────┘
 /// ```
 /// `Unknown` is only ever the role of a peer we cannot see.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Role {
     Primary,
     Secondary,
@@ -33,7 +33,7 @@ pub enum Role {
 ///       └──▶ Consistent ─────────────────────────────┘
 ///   any ──I/O error──▶ Failed ──detach──▶ Diskless
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DiskState {
     Diskless,
     Attaching,
@@ -53,7 +53,7 @@ pub enum DiskState {
 ///        │                      └──── lost / refused ────┤
 ///        └─────────── disconnect / split-brain ──────────┘ (via Disconnecting)
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ConnectionState {
     StandAlone,
     Connecting,
@@ -62,7 +62,7 @@ pub enum ConnectionState {
 }
 
 /// Replication with one peer, once connected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ReplicationState {
     Off,
     Established,

@@ -316,6 +316,13 @@ impl Storage {
         Ok(())
     }
 
+    /// Asks the kernel to read a range ahead (NBD CACHE).
+    pub fn prefetch(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check(offset, len)?;
+        rustix::fs::fadvise(self.file.as_fd(), offset, len, rustix::fs::Advice::WillNeed)?;
+        Ok(())
+    }
+
     /// Allocation map of `[offset, offset+len)`: runs of (length, is_hole).
     /// Block devices, and file systems without SEEK_HOLE, report all data.
     pub fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>> {

@@ -1,0 +1,286 @@
+//! What each CLI command does, and what it prints. `main.rs` only parses
+//! arguments and calls one of these; each returns the exit status of
+//! DESIGN.md §3 (0 done, 1 failed, 2 bad usage or config, 3 refused).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::config::Config;
+use crate::control::client::{ClientError, ControlClient};
+use crate::control::protocol::{ExitCode, Request, Response, Status};
+use crate::meta::MetaStore;
+
+/// Which config and node a command is about.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub config: PathBuf,
+    /// `None`: the host name.
+    pub node: Option<String>,
+}
+
+impl Target {
+    fn node_name(&self) -> String {
+        self.node.clone().unwrap_or_else(|| {
+            rustix::system::uname()
+                .nodename()
+                .to_string_lossy()
+                .into_owned()
+        })
+    }
+
+    fn load(&self) -> Result<(Config, String), ExitCode> {
+        match Config::load(&self.config) {
+            Ok(config) => {
+                let node = self.node_name();
+                if let Err(e) = config.node(&node) {
+                    eprintln!("hablk: {e}");
+                    return Err(ExitCode::Usage);
+                }
+                Ok((config, node))
+            }
+            Err(e) => {
+                eprintln!("hablk: {e}");
+                Err(ExitCode::Usage)
+            }
+        }
+    }
+}
+
+/// Sets up logging to stderr: `info` for the daemon, `warn` for commands,
+/// overridable with `RUST_LOG`.
+pub fn init_logging(daemon: bool) {
+    let default = if daemon { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// `create-md [--force]`.
+pub fn create_md(target: &Target, force: bool) -> ExitCode {
+    let (config, node) = match target.load() {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    let Ok(me) = config.node(&node) else {
+        return ExitCode::Usage;
+    };
+    match MetaStore::create(&config, me, force) {
+        Ok(store) => {
+            let sb = store.superblock();
+            println!(
+                "created metadata for {} on {} in {} ({} bytes usable for data)",
+                node,
+                config.resource.name,
+                store.path().display(),
+                sb.layout.data_capacity_bytes
+            );
+            ExitCode::Done
+        }
+        Err(e) => {
+            eprintln!("hablk: {e}");
+            ExitCode::Failed
+        }
+    }
+}
+
+/// `up`: runs the daemon in the foreground.
+pub fn up(target: &Target) -> ExitCode {
+    let (config, node) = match target.load() {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("hablk")
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("hablk: cannot start the runtime: {e}");
+            return ExitCode::Failed;
+        }
+    };
+    match runtime.block_on(crate::daemon::up(config, &node)) {
+        Ok(()) => ExitCode::Done,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("hablk: {e}");
+            ExitCode::Failed
+        }
+    }
+}
+
+fn connect(target: &Target) -> Result<(ControlClient, Config, String), ExitCode> {
+    let (config, node) = target.load()?;
+    let socket = match config.node(&node) {
+        Ok(me) => me.control.clone(),
+        Err(_) => return Err(ExitCode::Usage),
+    };
+    match ControlClient::connect(&socket, &node) {
+        Ok(client) => Ok((client, config, node)),
+        Err(e) => Err(report(&e)),
+    }
+}
+
+fn report(error: &ClientError) -> ExitCode {
+    eprintln!("hablk: {error}");
+    ExitCode::Failed
+}
+
+fn finish(response: &Response) -> ExitCode {
+    if let Some(message) = response.message.as_deref().filter(|m| !m.is_empty()) {
+        if response.exit == ExitCode::Done {
+            println!("{message}");
+        } else {
+            eprintln!("{message}");
+        }
+    }
+    response.exit
+}
+
+/// `primary`, `secondary`, `down`: a request to the running daemon.
+pub fn role_command(target: &Target, request: Request) -> ExitCode {
+    let is_down = matches!(request, Request::Down { .. });
+    let client = match connect(target) {
+        Ok((client, _, _)) => client,
+        Err(ExitCode::Failed) if is_down => {
+            // `down` with no daemon running is done (idempotent for
+            // cluster managers).
+            return ExitCode::Done;
+        }
+        Err(code) => return code,
+    };
+    match client.request(&request) {
+        Ok(response) => finish(&response),
+        Err(e) => report(&e),
+    }
+}
+
+/// `status [--json]`.
+pub fn status(target: &Target, json: bool) -> ExitCode {
+    let client = match connect(target) {
+        Ok((client, _, _)) => client,
+        Err(code) => return code,
+    };
+    let response = match client.request(&Request::Status) {
+        Ok(response) => response,
+        Err(e) => return report(&e),
+    };
+    let Some(status) = &response.status else {
+        return finish(&response);
+    };
+    if json {
+        match serde_json::to_string(status) {
+            Ok(line) => println!("{line}"),
+            Err(e) => {
+                eprintln!("hablk: {e}");
+                return ExitCode::Failed;
+            }
+        }
+    } else {
+        print!("{}", status_text(status));
+    }
+    ExitCode::Done
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes}B")
+    } else {
+        format!("{value:.1}{}", UNITS[unit])
+    }
+}
+
+/// The text form of `status`, in the spirit of `drbdadm status`.
+pub fn status_text(status: &Status) -> String {
+    let mut out = format!("{} role:{}\n", status.resource, status.role);
+    out.push_str(&format!(
+        "  disk:{} quorum:{}{}\n",
+        status.disk,
+        if status.quorum { "yes" } else { "no" },
+        if status.io_suspended { " io:suspended" } else { "" }
+    ));
+    out.push_str(&format!(
+        "  generation:{} size:{}\n",
+        status.generation.0,
+        status.size_bytes.map_or("unset".to_owned(), human_bytes)
+    ));
+    if let Some(nbd) = &status.nbd {
+        out.push_str(&format!("  nbd:{} clients:{}\n", nbd.listen, nbd.clients));
+    }
+    for peer in &status.peers {
+        out.push_str(&format!(
+            "  {} connection:{} role:{}{}\n",
+            peer.node,
+            peer.connection,
+            peer.role,
+            if peer.split_brain { " split-brain:yes" } else { "" }
+        ));
+        out.push_str(&format!(
+            "    replication:{} peer-disk:{} out-of-sync:{}",
+            peer.replication,
+            peer.peer_disk,
+            human_bytes(peer.out_of_sync_bytes)
+        ));
+        if peer.sync.active {
+            out.push_str(&format!(
+                " done:{:.1}% rate:{}/s eta:{}",
+                peer.sync.percent,
+                human_bytes(peer.sync.bytes_per_sec),
+                peer.sync.eta_seconds.map_or("?".to_owned(), |s| format!("{s}s"))
+            ));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// `events [--json] [--now]`.
+pub fn events(target: &Target, json: bool, now: bool) -> ExitCode {
+    let client = match connect(target) {
+        Ok((client, _, _)) => client,
+        Err(code) => return code,
+    };
+    let stdout = std::io::stdout();
+    let result = client.events(now, |event| {
+        let mut out = stdout.lock();
+        if json {
+            serde_json::to_writer(&mut out, event).map_err(std::io::Error::other)?;
+            writeln!(out)?;
+        } else {
+            writeln!(out, "{}", event.to_text())?;
+        }
+        out.flush()
+    });
+    match result {
+        Ok(None) => ExitCode::Done,
+        Ok(Some(response)) => finish(&response),
+        Err(ClientError::Io { source, .. }) if source.kind() == std::io::ErrorKind::BrokenPipe => {
+            ExitCode::Done
+        }
+        Err(e) => report(&e),
+    }
+}
+
+/// A command whose feature is not built yet.
+pub fn not_yet_supported(command: &str) -> ExitCode {
+    eprintln!("hablk: `{command}` is not yet supported by this version of hablk");
+    ExitCode::Failed
+}
+
+/// The config path when none is given: `$HABLK_CONFIG` is applied by the
+/// argument parser.
+pub fn default_config_path() -> &'static Path {
+    Path::new("/etc/hablk/hablk.toml")
+}

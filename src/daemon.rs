@@ -1,0 +1,161 @@
+//! `hablk up`: wires one node's parts together and runs them until the node
+//! is told to stop (`down`, SIGTERM, SIGINT).
+//!
+//! Start-up order matters: the metadata is checked first (a disk without
+//! valid metadata is refused before anything listens), then the control
+//! socket is bound (a second daemon for the same node is refused there),
+//! then storage and the NBD listener.
+
+use std::sync::Arc;
+
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::cluster::core::{Core, CoreParts};
+use crate::config::{Config, ConfigError, NodeKind};
+use crate::control::protocol::Response;
+use crate::control::server::{ControlError, ControlServer, CoreReply, CONTROL_QUEUE};
+use crate::meta::{MetaError, MetaStore};
+use crate::nbd::server::Listener;
+use crate::nbd::{Clients, ExportPolicy, NbdServer};
+use crate::storage::{Storage, StorageError};
+use crate::volume::{ExportInfo, Gate, Refusal, Volume};
+
+/// Linux's `PR_SET_IO_FLUSHER` (5.6+): the kernel does not throttle this
+/// process's allocations on the writeback it is itself needed to finish.
+const PR_SET_IO_FLUSHER: libc::c_int = 57;
+/// How long a stopping daemon waits for its answer to `down` to be sent.
+const LAST_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("cannot listen for NBD clients on {listen}: {source}")]
+    NbdListen {
+        listen: String,
+        source: std::io::Error,
+    },
+}
+
+/// Marks the daemon as an I/O flusher so that a filesystem mounted from
+/// its own export cannot deadlock it under memory pressure.
+fn set_io_flusher() {
+    // SAFETY: prctl with integer arguments only; no memory is passed.
+    let rc = unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
+    if rc != 0 {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            "PR_SET_IO_FLUSHER refused (needs CAP_SYS_RESOURCE); a filesystem mounted from this \
+             node's own export could stall under memory pressure"
+        );
+    }
+}
+
+/// The export policy of a node: only a Primary exports.
+#[derive(Debug)]
+struct NodeExport {
+    name: String,
+    node: String,
+    volume: Arc<Volume>,
+}
+
+impl ExportPolicy for NodeExport {
+    fn export_name(&self) -> &str {
+        &self.name
+    }
+
+    fn description(&self) -> String {
+        format!("hablk resource {} on {}", self.name, self.node)
+    }
+
+    fn probe(&self) -> Result<ExportInfo, String> {
+        self.volume.export()
+    }
+
+    async fn attach(&self) -> Result<ExportInfo, String> {
+        self.volume.export()
+    }
+}
+
+/// Runs the daemon of node `node_name` until it stops.
+pub async fn up(config: Config, node_name: &str) -> Result<(), DaemonError> {
+    let config = Arc::new(config);
+    let me = config.node(node_name)?.clone();
+    let span = tracing::info_span!("hablk", node = %me.name, resource = %config.resource.name);
+    async move {
+        set_io_flusher();
+        let meta = MetaStore::open(&config, &me)?;
+        let control = ControlServer::bind(&me.control).await?;
+        let clients = Arc::new(Clients::default());
+        let mut tasks = Vec::new();
+        let volume = match &me.kind {
+            NodeKind::Data { disk, nbd } => {
+                let layout = meta.superblock().layout;
+                let storage = Storage::open(
+                    disk,
+                    config.resource.io,
+                    config.resource.direct,
+                    layout.data_capacity_bytes,
+                )?;
+                let gate = Gate::Closed {
+                    refusal: Refusal::NotPrimary,
+                    reason: "starting".into(),
+                };
+                let volume = Arc::new(Volume::new(config.resource.name.clone(), storage, gate));
+                let listener = Listener::bind(nbd).await.map_err(|source| DaemonError::NbdListen {
+                    listen: nbd.to_string(),
+                    source,
+                })?;
+                let policy = Arc::new(NodeExport {
+                    name: config.resource.name.clone(),
+                    node: me.name.clone(),
+                    volume: volume.clone(),
+                });
+                let server = NbdServer::new(volume.clone(), policy, clients.clone());
+                tasks.push(tokio::spawn(server.run(listener).in_current_span()));
+                tracing::info!(listen = %nbd, disk = %disk.display(), "serving NBD");
+                Some(volume)
+            }
+            NodeKind::Witness => None,
+        };
+        let (calls_tx, calls) = mpsc::channel(CONTROL_QUEUE);
+        let control_path = control.path().to_owned();
+        tasks.push(tokio::spawn(control.run(calls_tx).in_current_span()));
+        tracing::info!(control = %control_path.display(), "daemon up");
+        let core = Core::new(CoreParts {
+            config: config.clone(),
+            me: me.clone(),
+            meta,
+            volume,
+            clients,
+            calls,
+        });
+        let stopped = core.run().await;
+        for task in &tasks {
+            task.abort();
+        }
+        let _ = std::fs::remove_file(&control_path);
+        if let NodeKind::Data { nbd: crate::config::NbdListen::Unix(path), .. } = &me.kind {
+            let _ = std::fs::remove_file(path);
+        }
+        tracing::info!("daemon stopped");
+        if let Some(reply) = stopped.reply {
+            let (written, on_socket) = tokio::sync::oneshot::channel();
+            let response = Response::done(format!("{} stopped", me.name));
+            if reply.send(CoreReply::Last { response, written }).is_ok() {
+                let _ = tokio::time::timeout(LAST_ANSWER_TIMEOUT, on_socket).await;
+            }
+        }
+        Ok(())
+    }
+    .instrument(span)
+    .await
+}
