@@ -209,7 +209,11 @@ pub fn status_text(status: &Status) -> String {
         "  disk:{} quorum:{}{}\n",
         status.disk,
         if status.quorum { "yes" } else { "no" },
-        if status.io_suspended { " io:suspended" } else { "" }
+        if status.io_suspended {
+            " io:suspended"
+        } else {
+            ""
+        }
     ));
     out.push_str(&format!(
         "  generation:{} size:{}\n",
@@ -225,7 +229,11 @@ pub fn status_text(status: &Status) -> String {
             peer.node,
             peer.connection,
             peer.role,
-            if peer.split_brain { " split-brain:yes" } else { "" }
+            if peer.split_brain {
+                " split-brain:yes"
+            } else {
+                ""
+            }
         ));
         out.push_str(&format!(
             "    replication:{} peer-disk:{} out-of-sync:{}",
@@ -238,7 +246,9 @@ pub fn status_text(status: &Status) -> String {
                 " done:{:.1}% rate:{}/s eta:{}",
                 peer.sync.percent,
                 human_bytes(peer.sync.bytes_per_sec),
-                peer.sync.eta_seconds.map_or("?".to_owned(), |s| format!("{s}s"))
+                peer.sync
+                    .eta_seconds
+                    .map_or("?".to_owned(), |s| format!("{s}s"))
             ));
         }
         out.push('\n');

@@ -384,7 +384,11 @@ fn protocol_code(protocol: Protocol) -> u8 {
 
 fn line_of(text: &str, byte_offset: usize) -> usize {
     let end = byte_offset.min(text.len());
-    text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 fn valid_name(name: &str) -> bool {
@@ -409,7 +413,10 @@ impl<F: Fn(Option<Range<usize>>, String) -> ConfigError> Validator<'_, F> {
         let resource_span = raw.resource.span();
         let resource = self.resource(raw.resource.into_inner())?;
         if raw.node.is_empty() {
-            return self.err(resource_span, "no [[node]] entries: a resource needs at least one");
+            return self.err(
+                resource_span,
+                "no [[node]] entries: a resource needs at least one",
+            );
         }
         if raw.node.len() > MAX_NODES {
             return self.err(
@@ -435,7 +442,10 @@ impl<F: Fn(Option<Range<usize>>, String) -> ConfigError> Validator<'_, F> {
             if let Some(other) = ids.insert(node.id, node.name.clone()) {
                 return self.err(
                     id_span,
-                    format!("nodes '{other}' and '{}' both have id {}", node.name, node.id),
+                    format!(
+                        "nodes '{other}' and '{}' both have id {}",
+                        node.name, node.id
+                    ),
                 );
             }
             if let Some(other) = addresses.insert(node.address, node.name.clone()) {
@@ -690,9 +700,7 @@ impl<F: Fn(Option<Range<usize>>, String) -> ConfigError> Validator<'_, F> {
         }
         self.err(
             raw.span(),
-            format!(
-                "nbd '{text}' of node '{node}' is neither IP:PORT nor an absolute socket path"
-            ),
+            format!("nbd '{text}' of node '{node}' is neither IP:PORT nor an absolute socket path"),
         )
     }
 }
@@ -804,7 +812,10 @@ control = "/run/hablk/r0-alpha.sock"
         assert_eq!(resource.io, IoEngineKind::Threads);
         assert!(resource.direct);
         assert_eq!(resource.metrics, Some("127.0.0.1:9942".parse().unwrap()));
-        assert_eq!(resource.after_split_brain, AfterSplitBrain::DiscardZeroChanges);
+        assert_eq!(
+            resource.after_split_brain,
+            AfterSplitBrain::DiscardZeroChanges
+        );
     }
 
     #[test]
@@ -842,7 +853,10 @@ control = "/run/hablk/r0-alpha.sock"
     fn duplicate_address_is_refused() {
         let text = GOOD.replace("127.0.0.2:7789", "127.0.0.1:7789");
         let (_, reason) = refusal(&text);
-        assert!(reason.contains("both use address 127.0.0.1:7789"), "{reason}");
+        assert!(
+            reason.contains("both use address 127.0.0.1:7789"),
+            "{reason}"
+        );
     }
 
     #[test]
@@ -858,13 +872,33 @@ control = "/run/hablk/r0-alpha.sock"
         for (from, to, expect) in [
             ("size = \"64MiB\"", "size = \"lots\"", "not a size"),
             ("size = \"64MiB\"", "size = 1000", "multiple of 4096"),
-            ("ping-timeout = \"1s\"", "ping-timeout = \"soon\"", "not a duration"),
-            ("ping-timeout = \"1s\"", "ping-timeout = \"1ms\"", "between 100ms"),
+            (
+                "ping-timeout = \"1s\"",
+                "ping-timeout = \"soon\"",
+                "not a duration",
+            ),
+            (
+                "ping-timeout = \"1s\"",
+                "ping-timeout = \"1ms\"",
+                "between 100ms",
+            ),
             ("name = \"r0\"", "name = \"r 0\"", "resource name"),
-            ("name = \"r0\"", "name = \"r0\"\nprotocol = \"D\"", "unknown variant"),
+            (
+                "name = \"r0\"",
+                "name = \"r0\"\nprotocol = \"D\"",
+                "unknown variant",
+            ),
             ("id = 2", "id = 40", "out of range"),
-            ("address = \"127.0.0.3:7789\"", "address = \"nowhere\"", "not IP:PORT"),
-            ("nbd = \"/run/beta.nbd\"", "nbd = \"beta.nbd\"", "neither IP:PORT"),
+            (
+                "address = \"127.0.0.3:7789\"",
+                "address = \"nowhere\"",
+                "not IP:PORT",
+            ),
+            (
+                "nbd = \"/run/beta.nbd\"",
+                "nbd = \"beta.nbd\"",
+                "neither IP:PORT",
+            ),
         ] {
             let text = GOOD.replacen(from, to, 1);
             let (_, reason) = refusal(&text);
@@ -899,7 +933,10 @@ control = "/run/hablk/r0-alpha.sock"
     fn unknown_node_name_lists_the_known_ones() {
         let config = parse(GOOD).unwrap();
         let err = config.node("delta").unwrap_err().to_string();
-        assert!(err.contains("'delta'") && err.contains("alpha, beta, witness"), "{err}");
+        assert!(
+            err.contains("'delta'") && err.contains("alpha, beta, witness"),
+            "{err}"
+        );
     }
 
     #[test]

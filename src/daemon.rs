@@ -110,10 +110,13 @@ pub async fn up(config: Config, node_name: &str) -> Result<(), DaemonError> {
                     reason: "starting".into(),
                 };
                 let volume = Arc::new(Volume::new(config.resource.name.clone(), storage, gate));
-                let listener = Listener::bind(nbd).await.map_err(|source| DaemonError::NbdListen {
-                    listen: nbd.to_string(),
-                    source,
-                })?;
+                let listener =
+                    Listener::bind(nbd)
+                        .await
+                        .map_err(|source| DaemonError::NbdListen {
+                            listen: nbd.to_string(),
+                            source,
+                        })?;
                 let policy = Arc::new(NodeExport {
                     name: config.resource.name.clone(),
                     node: me.name.clone(),
@@ -143,7 +146,11 @@ pub async fn up(config: Config, node_name: &str) -> Result<(), DaemonError> {
             task.abort();
         }
         let _ = std::fs::remove_file(&control_path);
-        if let NodeKind::Data { nbd: crate::config::NbdListen::Unix(path), .. } = &me.kind {
+        if let NodeKind::Data {
+            nbd: crate::config::NbdListen::Unix(path),
+            ..
+        } = &me.kind
+        {
             let _ = std::fs::remove_file(path);
         }
         tracing::info!("daemon stopped");

@@ -177,7 +177,10 @@ impl Core {
             Action::ClientsChanged(_) => None,
             Action::Internal(Internal::Drained(result)) => self.finish_demotion(result),
             Action::Signal(name) => {
-                tracing::info!(signal = name, "stopping: demoting, disconnecting clients, flushing");
+                tracing::info!(
+                    signal = name,
+                    "stopping: demoting, disconnecting clients, flushing"
+                );
                 self.stop(true, None)
             }
         }
@@ -213,7 +216,11 @@ impl Core {
             }
             Request::Secondary { force } => {
                 if self.role != Role::Primary && self.demotion.is_none() {
-                    self.answer(&request, reply, Response::done(format!("{} is already Secondary", self.me.name)));
+                    self.answer(
+                        &request,
+                        reply,
+                        Response::done(format!("{} is already Secondary", self.me.name)),
+                    );
                     return None;
                 }
                 if let Some(refusal) = self.clients_refusal(force, "secondary") {
@@ -340,14 +347,21 @@ impl Core {
         ))
     }
 
-    fn begin_demotion(&mut self, force: bool, reply: Option<oneshot::Sender<CoreReply>>, stop: bool) {
+    fn begin_demotion(
+        &mut self,
+        force: bool,
+        reply: Option<oneshot::Sender<CoreReply>>,
+        stop: bool,
+    ) {
         if force {
             self.clients.disconnect_all();
         }
         if let Some(demotion) = &mut self.demotion {
             demotion.stop |= stop;
             match reply {
-                Some(reply) if stop && demotion.stop_reply.is_none() => demotion.stop_reply = Some(reply),
+                Some(reply) if stop && demotion.stop_reply.is_none() => {
+                    demotion.stop_reply = Some(reply)
+                }
                 Some(reply) => demotion.waiting.push(reply),
                 None => {}
             }
@@ -398,7 +412,11 @@ impl Core {
         };
         self.close_gate(Refusal::NotPrimary);
         for reply in demotion.waiting {
-            self.answer(&Request::Secondary { force: false }, reply, response.clone());
+            self.answer(
+                &Request::Secondary { force: false },
+                reply,
+                response.clone(),
+            );
         }
         if demotion.stop {
             self.clients.disconnect_all();
@@ -479,7 +497,10 @@ impl Core {
         resource.insert("known_generation".into(), json!(status.known_generation));
         resource.insert("size_bytes".into(), json!(status.size_bytes));
         resource.insert("io_suspended".into(), json!(status.io_suspended));
-        resource.insert("clients".into(), json!(status.nbd.map_or(0, |nbd| nbd.clients)));
+        resource.insert(
+            "clients".into(),
+            json!(status.nbd.map_or(0, |nbd| nbd.clients)),
+        );
         objects.insert((ObjectKind::Resource, None), resource);
         objects
     }

@@ -163,12 +163,18 @@ mod tests {
         let seen = ["alpha"];
         let mut forced = input(&seen);
         forced.force = true;
-        assert!(matches!(check(&forced), Err(PromotionRefusal::NoQuorum { .. })));
+        assert!(matches!(
+            check(&forced),
+            Err(PromotionRefusal::NoQuorum { .. })
+        ));
         let seen = ["alpha", "beta"];
         let mut forced = input(&seen);
         forced.force = true;
         forced.primary_seen = Some(("witness", "beta"));
-        assert!(matches!(check(&forced), Err(PromotionRefusal::PrimaryExists { .. })));
+        assert!(matches!(
+            check(&forced),
+            Err(PromotionRefusal::PrimaryExists { .. })
+        ));
     }
 
     #[test]
@@ -177,9 +183,15 @@ mod tests {
         let mut i = input(&seen);
         i.disk = DiskState::Outdated;
         i.newer_generation_seen = Some("witness");
-        assert_eq!(check(&i), Err(PromotionRefusal::DiskNotUpToDate(DiskState::Outdated)));
+        assert_eq!(
+            check(&i),
+            Err(PromotionRefusal::DiskNotUpToDate(DiskState::Outdated))
+        );
         i.disk = DiskState::UpToDate;
-        assert_eq!(check(&i), Err(PromotionRefusal::NewerGeneration("witness".into())));
+        assert_eq!(
+            check(&i),
+            Err(PromotionRefusal::NewerGeneration("witness".into()))
+        );
         i.force = true;
         assert!(check(&i).is_ok());
     }

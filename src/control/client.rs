@@ -60,7 +60,8 @@ impl ControlClient {
     }
 
     fn send(&mut self, request: &Request, timeout: Option<Duration>) -> Result<(), ClientError> {
-        let mut line = serde_json::to_vec(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let mut line =
+            serde_json::to_vec(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
         line.push(b'\n');
         let stream = self.reader.get_mut();
         stream.set_read_timeout(timeout).map_err(|e| self.io(e))?;
@@ -80,9 +81,9 @@ impl ControlClient {
     /// Sends one request and reads its response.
     pub fn request(mut self, request: &Request) -> Result<Response, ClientError> {
         self.send(request, Some(RESPONSE_TIMEOUT))?;
-        let line = self
-            .read_line()?
-            .ok_or_else(|| ClientError::Protocol("the daemon closed the connection without answering".into()))?;
+        let line = self.read_line()?.ok_or_else(|| {
+            ClientError::Protocol("the daemon closed the connection without answering".into())
+        })?;
         let response: Response =
             serde_json::from_str(&line).map_err(|e| ClientError::Protocol(e.to_string()))?;
         if matches!(request, Request::Down { .. }) {

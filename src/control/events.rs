@@ -57,7 +57,13 @@ pub fn now_rfc3339() -> String {
 }
 
 impl Event {
-    pub fn object(kind: EventKind, object: ObjectKind, node: &str, peer: Option<&str>, fields: Map<String, Value>) -> Event {
+    pub fn object(
+        kind: EventKind,
+        object: ObjectKind,
+        node: &str,
+        peer: Option<&str>,
+        fields: Map<String, Value>,
+    ) -> Event {
         Event {
             time: now_rfc3339(),
             kind,
@@ -155,11 +161,23 @@ impl ObjectTracker {
                 Some(old) if old != fields => EventKind::Change,
                 Some(_) => continue,
             };
-            sent.push(Event::object(kind, key.0, &self.node, key.1.as_deref(), fields.clone()));
+            sent.push(Event::object(
+                kind,
+                key.0,
+                &self.node,
+                key.1.as_deref(),
+                fields.clone(),
+            ));
         }
         for (key, fields) in &self.published {
             if !current.contains_key(key) {
-                sent.push(Event::object(EventKind::Destroy, key.0, &self.node, key.1.as_deref(), fields.clone()));
+                sent.push(Event::object(
+                    EventKind::Destroy,
+                    key.0,
+                    &self.node,
+                    key.1.as_deref(),
+                    fields.clone(),
+                ));
             }
         }
         self.published = current;
@@ -172,7 +190,13 @@ impl ObjectTracker {
 
     /// Publishes a `call` line (a command answered, refused or not).
     pub fn call(&self, fields: Map<String, Value>) {
-        let event = Event::object(EventKind::Call, ObjectKind::Resource, &self.node, None, fields);
+        let event = Event::object(
+            EventKind::Call,
+            ObjectKind::Resource,
+            &self.node,
+            None,
+            fields,
+        );
         let _ = self.sender.send(event);
     }
 
@@ -182,7 +206,15 @@ impl ObjectTracker {
         let mut lines: Vec<Event> = self
             .published
             .iter()
-            .map(|(key, fields)| Event::object(EventKind::Exists, key.0, &self.node, key.1.as_deref(), fields.clone()))
+            .map(|(key, fields)| {
+                Event::object(
+                    EventKind::Exists,
+                    key.0,
+                    &self.node,
+                    key.1.as_deref(),
+                    fields.clone(),
+                )
+            })
             .collect();
         lines.push(Event::end_of_snapshot());
         (lines, self.sender.subscribe())
@@ -206,10 +238,19 @@ mod tests {
         let mut tracker = ObjectTracker::new("alpha".into());
         let (_, mut rx) = tracker.snapshot();
         let mut state = BTreeMap::new();
-        state.insert((ObjectKind::Resource, None), fields(json!({"role": "Secondary"})));
+        state.insert(
+            (ObjectKind::Resource, None),
+            fields(json!({"role": "Secondary"})),
+        );
         assert_eq!(tracker.publish(state.clone())[0].kind, EventKind::Create);
-        assert!(tracker.publish(state.clone()).is_empty(), "no change, no event");
-        state.insert((ObjectKind::Resource, None), fields(json!({"role": "Primary"})));
+        assert!(
+            tracker.publish(state.clone()).is_empty(),
+            "no change, no event"
+        );
+        state.insert(
+            (ObjectKind::Resource, None),
+            fields(json!({"role": "Primary"})),
+        );
         let sent = tracker.publish(state);
         assert_eq!(sent.len(), 1);
         assert_eq!(sent[0].kind, EventKind::Change);
@@ -236,8 +277,14 @@ mod tests {
         assert_eq!(value["peer"], "beta");
         assert_eq!(value["connection"], "Connected");
         let text = event.to_text();
-        assert!(text.contains("change connection node:alpha peer:beta"), "{text}");
-        assert!(text.contains("connection:Connected split-brain:false"), "{text}");
+        assert!(
+            text.contains("change connection node:alpha peer:beta"),
+            "{text}"
+        );
+        assert!(
+            text.contains("connection:Connected split-brain:false"),
+            "{text}"
+        );
         let end = serde_json::to_value(Event::end_of_snapshot()).unwrap();
         assert_eq!(end["kind"], "end-of-snapshot");
     }

@@ -165,14 +165,19 @@ mod tests {
         for request in [
             Request::Status,
             Request::Events { now: true },
-            Request::Primary { force: true, override_quorum: false },
+            Request::Primary {
+                force: true,
+                override_quorum: false,
+            },
             Request::Secondary { force: false },
             Request::Down { force: true },
         ] {
             let line = serde_json::to_string(&request).unwrap();
             assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), request);
         }
-        assert!(serde_json::from_str::<Request>(r#"{"command":"status","x":1}"#).is_err());
+        assert!(
+            serde_json::from_str::<Request>(r#"{"command":"down","force":true,"x":1}"#).is_err()
+        );
         assert!(serde_json::from_str::<Request>(r#"{"command":"format-disk"}"#).is_err());
     }
 
@@ -189,7 +194,10 @@ mod tests {
             size_bytes: Some(1 << 30),
             io_suspended: false,
             lease_wait_ms: 0,
-            nbd: Some(NbdStatus { listen: "127.0.0.1:10809".into(), clients: 1 }),
+            nbd: Some(NbdStatus {
+                listen: "127.0.0.1:10809".into(),
+                clients: 1,
+            }),
             peers: vec![PeerStatus {
                 node: "beta".into(),
                 connection: ConnectionState::Connected,
@@ -209,8 +217,18 @@ mod tests {
         };
         let value = serde_json::to_value(&status).unwrap();
         for key in [
-            "resource", "node", "role", "disk", "quorum", "generation", "known_generation",
-            "size_bytes", "io_suspended", "lease_wait_ms", "nbd", "peers",
+            "resource",
+            "node",
+            "role",
+            "disk",
+            "quorum",
+            "generation",
+            "known_generation",
+            "size_bytes",
+            "io_suspended",
+            "lease_wait_ms",
+            "nbd",
+            "peers",
         ] {
             assert!(value.get(key).is_some(), "missing {key}");
         }
@@ -218,8 +236,16 @@ mod tests {
         assert_eq!(value["generation"], "0000000000009f1c");
         assert_eq!(value["nbd"]["clients"], 1);
         let peer = &value["peers"][0];
-        for key in ["node", "connection", "role", "peer_disk", "replication", "split_brain",
-                    "out_of_sync_bytes", "sync"] {
+        for key in [
+            "node",
+            "connection",
+            "role",
+            "peer_disk",
+            "replication",
+            "split_brain",
+            "out_of_sync_bytes",
+            "sync",
+        ] {
             assert!(peer.get(key).is_some(), "missing peer {key}");
         }
         assert_eq!(peer["sync"]["eta_seconds"], serde_json::Value::Null);

@@ -80,7 +80,8 @@ impl ControlServer {
             std::fs::create_dir_all(parent).map_err(bind_error)?;
         }
         let listener = UnixListener::bind(path).map_err(bind_error)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_error)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(bind_error)?;
         Ok(ControlServer {
             path: path.to_owned(),
             listener,
@@ -104,7 +105,10 @@ impl ControlServer {
                 }
             };
             let Ok(permit) = slots.clone().try_acquire_owned() else {
-                tracing::warn!(limit = MAX_CONTROL_CONNECTIONS, "control connection refused: too many");
+                tracing::warn!(
+                    limit = MAX_CONTROL_CONNECTIONS,
+                    "control connection refused: too many"
+                );
                 continue;
             };
             let core = core.clone();
@@ -126,7 +130,10 @@ impl ControlServer {
     }
 }
 
-async fn write_line<T: serde::Serialize>(stream: &mut (impl AsyncWriteExt + Unpin), value: &T) -> io::Result<()> {
+async fn write_line<T: serde::Serialize>(
+    stream: &mut (impl AsyncWriteExt + Unpin),
+    value: &T,
+) -> io::Result<()> {
     let mut line = serde_json::to_vec(value).map_err(io::Error::other)?;
     line.push(b'\n');
     stream.write_all(&line).await
@@ -198,6 +205,12 @@ async fn serve(stream: UnixStream, core: mpsc::Sender<ControlCall>) -> io::Resul
                 }
             }
         }
-        Err(_) => write_line(&mut write, &Response::failed("the daemon stopped before answering")).await,
+        Err(_) => {
+            write_line(
+                &mut write,
+                &Response::failed("the daemon stopped before answering"),
+            )
+            .await
+        }
     }
 }

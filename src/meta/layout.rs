@@ -70,7 +70,11 @@ pub fn bitmap_bytes_per_slot(data_bytes: u64) -> u64 {
 
 impl Layout {
     /// Computes the layout for a data device of `device_bytes` bytes.
-    pub fn compute(placement: Placement, device_bytes: u64, max_peers: u8) -> Result<Layout, MetaError> {
+    pub fn compute(
+        placement: Placement,
+        device_bytes: u64,
+        max_peers: u8,
+    ) -> Result<Layout, MetaError> {
         let device_bytes = device_bytes - device_bytes % META_BLOCK_BYTES;
         let peers = u64::from(max_peers);
         match placement {
@@ -99,7 +103,8 @@ impl Layout {
                 // Size the bitmaps for the whole device: a little more than
                 // the data needs, never less.
                 let bitmap_bytes_per_slot = bitmap_bytes_per_slot(device_bytes);
-                let meta_bytes = SUPERBLOCK_AREA_BYTES + AL_AREA_BYTES + peers * bitmap_bytes_per_slot;
+                let meta_bytes =
+                    SUPERBLOCK_AREA_BYTES + AL_AREA_BYTES + peers * bitmap_bytes_per_slot;
                 if device_bytes < meta_bytes + META_BLOCK_BYTES {
                     return Err(MetaError::DeviceTooSmall {
                         device_bytes,
@@ -161,7 +166,10 @@ mod tests {
                 assert_eq!(l.data_capacity_bytes % META_BLOCK_BYTES, 0);
                 assert!(bitmap_bytes_per_slot(l.data_capacity_bytes) <= l.bitmap_bytes_per_slot);
                 assert_eq!(l.bitmap_offset, l.data_capacity_bytes);
-                assert_eq!(l.al_offset, l.bitmap_offset + u64::from(peers) * l.bitmap_bytes_per_slot);
+                assert_eq!(
+                    l.al_offset,
+                    l.bitmap_offset + u64::from(peers) * l.bitmap_bytes_per_slot
+                );
                 assert_eq!(l.superblock_offset, l.al_offset + l.al_bytes);
                 assert!(l.superblock_offset + SUPERBLOCK_AREA_BYTES <= device);
             }

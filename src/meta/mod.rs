@@ -21,9 +21,7 @@ use thiserror::Error;
 use crate::cluster::generation::{Generation, Lineage};
 use crate::config::{Config, MetaLocation, Node, NodeKind};
 use layout::{Layout, Placement, META_BLOCK_BYTES, SUPERBLOCK_COPIES};
-use superblock::{
-    DecodeError, PeerSlot, StoredDisk, StoredKind, Superblock, SuperblockFlags,
-};
+use superblock::{DecodeError, PeerSlot, StoredDisk, StoredKind, Superblock, SuperblockFlags};
 
 /// Metadata failures, worded for the operator.
 #[derive(Debug, Error)]
@@ -376,7 +374,10 @@ impl MetaStore {
         let previous = self.superblock.clone();
         change(&mut self.superblock);
         self.superblock.seq = previous.seq + 1;
-        debug_assert_eq!(self.superblock.layout, previous.layout, "layout is fixed at create-md");
+        debug_assert_eq!(
+            self.superblock.layout, previous.layout,
+            "layout is fixed at create-md"
+        );
         let copy = self.superblock.seq % SUPERBLOCK_COPIES;
         if let Err(e) = self.write_copy(copy) {
             self.superblock = previous;
@@ -454,7 +455,11 @@ meta = "{dir}/state/tie.meta"
         let created = MetaStore::create(&config, alpha, false).unwrap();
         assert_eq!(created.superblock().disk, StoredDisk::Inconsistent);
         assert_eq!(created.superblock().slot_of(4), Some(0), "beta gets slot 0");
-        assert_eq!(created.superblock().slot_of(2), None, "a witness has no bitmap");
+        assert_eq!(
+            created.superblock().slot_of(2),
+            None,
+            "a witness has no bitmap"
+        );
         let opened = MetaStore::open(&config, alpha).unwrap();
         assert_eq!(opened.superblock(), created.superblock());
         assert!(opened.superblock().layout.data_capacity_bytes < 64 << 20);
@@ -479,7 +484,10 @@ meta = "{dir}/state/tie.meta"
         let config = config(dir.path(), "internal");
         make_disk(&dir.path().join("alpha.img"), 64 << 20);
         let err = MetaStore::open(&config, config.node("alpha").unwrap()).unwrap_err();
-        assert!(err.to_string().contains("run `hablk create-md` first"), "{err}");
+        assert!(
+            err.to_string().contains("run `hablk create-md` first"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -432,7 +432,10 @@ pub(crate) mod tests {
         for i in 0..BLOCK {
             let mut bad = block.clone();
             bad[i] ^= 0x40;
-            assert!(Superblock::decode(&bad).is_err(), "flip at {i} went unnoticed");
+            assert!(
+                Superblock::decode(&bad).is_err(),
+                "flip at {i} went unnoticed"
+            );
         }
     }
 
@@ -448,7 +451,10 @@ pub(crate) mod tests {
         );
         assert_eq!(Superblock::newest(Ok(older.clone()), torn).unwrap(), older);
         assert_eq!(
-            Superblock::newest(Err(DecodeError::NoMagic), Err(DecodeError::UnknownVersion(9))),
+            Superblock::newest(
+                Err(DecodeError::NoMagic),
+                Err(DecodeError::UnknownVersion(9))
+            ),
             Err(DecodeError::UnknownVersion(9))
         );
     }

@@ -98,7 +98,12 @@ impl<P: ExportPolicy> Haggle<'_, P> {
     }
 
     fn error(&mut self, option: u32, reply_type: u32, message: &str) {
-        tracing::info!(option, reply_type = format_args!("{reply_type:#x}"), reason = message, "NBD option refused");
+        tracing::info!(
+            option,
+            reply_type = format_args!("{reply_type:#x}"),
+            reason = message,
+            "NBD option refused"
+        );
         self.reply(option, reply_type, message.as_bytes());
     }
 
@@ -143,7 +148,11 @@ impl<P: ExportPolicy> Haggle<'_, P> {
 
     fn meta_contexts(&mut self, option: u32, export: &str, queries: &[String]) -> Option<bool> {
         if !self.structured {
-            self.error(option, REP_ERR_INVALID, "negotiate structured replies first");
+            self.error(
+                option,
+                REP_ERR_INVALID,
+                "negotiate structured replies first",
+            );
             return None;
         }
         if !self.known_export(export) {
@@ -157,7 +166,11 @@ impl<P: ExportPolicy> Haggle<'_, P> {
         };
         if selected {
             let mut data = BytesMut::new();
-            data.put_u32(if option == OPT_SET_META_CONTEXT { BASE_ALLOCATION_ID } else { 0 });
+            data.put_u32(if option == OPT_SET_META_CONTEXT {
+                BASE_ALLOCATION_ID
+            } else {
+                0
+            });
             data.put_slice(META_CONTEXT_BASE_ALLOCATION.as_bytes());
             self.reply(option, REP_META_CONTEXT, &data);
         }

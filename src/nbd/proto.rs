@@ -133,11 +133,23 @@ pub enum ClientOption {
     Abort,
     List,
     StartTls,
-    Info { export: String, requests: Vec<u16> },
-    Go { export: String, requests: Vec<u16> },
+    Info {
+        export: String,
+        requests: Vec<u16>,
+    },
+    Go {
+        export: String,
+        requests: Vec<u16>,
+    },
     StructuredReply,
-    ListMetaContext { export: String, queries: Vec<String> },
-    SetMetaContext { export: String, queries: Vec<String> },
+    ListMetaContext {
+        export: String,
+        queries: Vec<String>,
+    },
+    SetMetaContext {
+        export: String,
+        queries: Vec<String>,
+    },
     Unknown(u32),
 }
 
@@ -278,7 +290,8 @@ pub struct BadMagic(pub u32);
 impl RequestHeader {
     /// Decodes the 28-byte header (the caller has checked the length).
     pub fn parse(bytes: &[u8; REQUEST_HEADER_BYTES]) -> Result<RequestHeader, BadMagic> {
-        let u32_at = |i: usize| u32::from_be_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+        let u32_at =
+            |i: usize| u32::from_be_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
         let u64_at = |i: usize| (u64::from(u32_at(i)) << 32) | u64::from(u32_at(i + 4));
         let magic = u32_at(0);
         if magic != REQUEST_MAGIC {
@@ -342,14 +355,38 @@ pub struct Negotiated {
 /// A validated request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
-    Read { offset: u64, length: u32 },
-    Write { offset: u64, length: u32, fua: bool },
+    Read {
+        offset: u64,
+        length: u32,
+    },
+    Write {
+        offset: u64,
+        length: u32,
+        fua: bool,
+    },
     Disconnect,
     Flush,
-    Trim { offset: u64, length: u32, fua: bool },
-    Cache { offset: u64, length: u32 },
-    WriteZeroes { offset: u64, length: u32, fua: bool, may_punch: bool, fast_only: bool },
-    BlockStatus { offset: u64, length: u32, req_one: bool },
+    Trim {
+        offset: u64,
+        length: u32,
+        fua: bool,
+    },
+    Cache {
+        offset: u64,
+        length: u32,
+    },
+    WriteZeroes {
+        offset: u64,
+        length: u32,
+        fua: bool,
+        may_punch: bool,
+        fast_only: bool,
+    },
+    BlockStatus {
+        offset: u64,
+        length: u32,
+        req_one: bool,
+    },
 }
 
 /// A request refused before it reaches the volume.
@@ -376,7 +413,14 @@ pub fn validate(header: &RequestHeader, n: &Negotiated) -> Result<Command, Refus
         };
     let known = matches!(
         header.command,
-        CMD_READ | CMD_WRITE | CMD_DISC | CMD_FLUSH | CMD_TRIM | CMD_CACHE | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS
+        CMD_READ
+            | CMD_WRITE
+            | CMD_DISC
+            | CMD_FLUSH
+            | CMD_TRIM
+            | CMD_CACHE
+            | CMD_WRITE_ZEROES
+            | CMD_BLOCK_STATUS
     );
     if !known {
         return Err(refuse(Errno::Inval, "unknown command"));
@@ -397,7 +441,10 @@ pub fn validate(header: &RequestHeader, n: &Negotiated) -> Result<Command, Refus
             return Err(refuse(out_of_range, "beyond the end of the export"));
         }
         if !aligned {
-            return Err(refuse(Errno::Inval, "not aligned to the minimum block size"));
+            return Err(refuse(
+                Errno::Inval,
+                "not aligned to the minimum block size",
+            ));
         }
         Ok(())
     };
@@ -414,7 +461,11 @@ pub fn validate(header: &RequestHeader, n: &Negotiated) -> Result<Command, Refus
                 return Err(refuse(Errno::Inval, "larger than the maximum block size"));
             }
             ranged(Errno::NoSpc)?;
-            Ok(Command::Write { offset, length, fua })
+            Ok(Command::Write {
+                offset,
+                length,
+                fua,
+            })
         }
         CMD_DISC => Ok(Command::Disconnect),
         CMD_FLUSH => {
@@ -425,7 +476,11 @@ pub fn validate(header: &RequestHeader, n: &Negotiated) -> Result<Command, Refus
         }
         CMD_TRIM => {
             ranged(Errno::Inval)?;
-            Ok(Command::Trim { offset, length, fua })
+            Ok(Command::Trim {
+                offset,
+                length,
+                fua,
+            })
         }
         CMD_CACHE => {
             ranged(Errno::Inval)?;
@@ -468,7 +523,13 @@ pub fn simple_reply(out: &mut BytesMut, handle: u64, error: u32) {
 }
 
 /// Structured reply chunk header.
-pub fn structured_header(out: &mut BytesMut, flags: u16, reply_type: u16, handle: u64, length: u32) {
+pub fn structured_header(
+    out: &mut BytesMut,
+    flags: u16,
+    reply_type: u16,
+    handle: u64,
+    length: u32,
+) {
     out.put_u32(STRUCTURED_REPLY_MAGIC);
     out.put_u16(flags);
     out.put_u16(reply_type);
@@ -494,7 +555,13 @@ pub fn structured_error(out: &mut BytesMut, handle: u64, errno: Errno, message: 
 /// The header of an OFFSET_DATA chunk carrying all of a read's data
 /// (which follows), marked as the final chunk.
 pub fn read_data_header(out: &mut BytesMut, handle: u64, offset: u64, data_len: u32) {
-    structured_header(out, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, handle, 8 + data_len);
+    structured_header(
+        out,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_OFFSET_DATA,
+        handle,
+        8 + data_len,
+    );
     out.put_u64(offset);
 }
 
@@ -530,7 +597,13 @@ mod tests {
     }
 
     fn header(command: u16, flags: u16, offset: u64, length: u32) -> RequestHeader {
-        RequestHeader { flags, command, handle: 7, offset, length }
+        RequestHeader {
+            flags,
+            command,
+            handle: 7,
+            offset,
+            length,
+        }
     }
 
     #[test]
@@ -552,15 +625,34 @@ mod tests {
     fn range_errors_follow_the_contract() {
         let n = negotiated();
         let end = n.export_bytes;
-        assert_eq!(validate(&header(CMD_READ, 0, end - 1, 2), &n).unwrap_err().errno, Errno::Inval);
-        assert_eq!(validate(&header(CMD_TRIM, 0, end, 1), &n).unwrap_err().errno, Errno::Inval);
-        assert_eq!(validate(&header(CMD_WRITE, 0, end - 1, 2), &n).unwrap_err().errno, Errno::NoSpc);
         assert_eq!(
-            validate(&header(CMD_WRITE_ZEROES, 0, end, 4096), &n).unwrap_err().errno,
+            validate(&header(CMD_READ, 0, end - 1, 2), &n)
+                .unwrap_err()
+                .errno,
+            Errno::Inval
+        );
+        assert_eq!(
+            validate(&header(CMD_TRIM, 0, end, 1), &n)
+                .unwrap_err()
+                .errno,
+            Errno::Inval
+        );
+        assert_eq!(
+            validate(&header(CMD_WRITE, 0, end - 1, 2), &n)
+                .unwrap_err()
+                .errno,
             Errno::NoSpc
         );
         assert_eq!(
-            validate(&header(CMD_READ, 0, u64::MAX, 2), &n).unwrap_err().errno,
+            validate(&header(CMD_WRITE_ZEROES, 0, end, 4096), &n)
+                .unwrap_err()
+                .errno,
+            Errno::NoSpc
+        );
+        assert_eq!(
+            validate(&header(CMD_READ, 0, u64::MAX, 2), &n)
+                .unwrap_err()
+                .errno,
             Errno::Inval,
             "offset overflow is out of range, not a panic"
         );
@@ -570,10 +662,20 @@ mod tests {
     #[test]
     fn unknown_commands_and_flags_are_einval() {
         let n = negotiated();
-        assert_eq!(validate(&header(42, 0, 0, 1), &n).unwrap_err().errno, Errno::Inval);
-        assert_eq!(validate(&header(CMD_READ, 1 << 9, 0, 1), &n).unwrap_err().errno, Errno::Inval);
         assert_eq!(
-            validate(&header(CMD_WRITE, CMD_FLAG_NO_HOLE, 0, 1), &n).unwrap_err().errno,
+            validate(&header(42, 0, 0, 1), &n).unwrap_err().errno,
+            Errno::Inval
+        );
+        assert_eq!(
+            validate(&header(CMD_READ, 1 << 9, 0, 1), &n)
+                .unwrap_err()
+                .errno,
+            Errno::Inval
+        );
+        assert_eq!(
+            validate(&header(CMD_WRITE, CMD_FLAG_NO_HOLE, 0, 1), &n)
+                .unwrap_err()
+                .errno,
             Errno::Inval
         );
         // FUA is accepted on every command.
@@ -582,11 +684,22 @@ mod tests {
 
     #[test]
     fn oversized_requests() {
-        let n = Negotiated { export_bytes: 1 << 40, ..negotiated() };
+        let n = Negotiated {
+            export_bytes: 1 << 40,
+            ..negotiated()
+        };
         let big = MAX_REQUEST_BYTES + 1;
-        assert_eq!(validate(&header(CMD_READ, 0, 0, big), &n).unwrap_err().errno, Errno::Inval);
+        assert_eq!(
+            validate(&header(CMD_READ, 0, 0, big), &n)
+                .unwrap_err()
+                .errno,
+            Errno::Inval
+        );
         assert_eq!(header(CMD_WRITE, 0, 0, big).payload(), Payload::Drain(big));
-        assert_eq!(header(CMD_WRITE, 0, 0, MAX_DRAIN_BYTES + 1).payload(), Payload::TooLarge);
+        assert_eq!(
+            header(CMD_WRITE, 0, 0, MAX_DRAIN_BYTES + 1).payload(),
+            Payload::TooLarge
+        );
         assert_eq!(header(CMD_READ, 0, 0, big).payload(), Payload::None);
         // Trims and zeroes have no payload and no size limit.
         assert!(validate(&header(CMD_TRIM, 0, 0, u32::MAX), &n).is_ok());
@@ -603,16 +716,24 @@ mod tests {
 
     #[test]
     fn fast_zero_without_support_is_enotsup() {
-        let n = Negotiated { fast_zero: false, ..negotiated() };
+        let n = Negotiated {
+            fast_zero: false,
+            ..negotiated()
+        };
         assert_eq!(
-            validate(&header(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 1), &n).unwrap_err().errno,
+            validate(&header(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 1), &n)
+                .unwrap_err()
+                .errno,
             Errno::NotSup
         );
     }
 
     #[test]
     fn direct_io_requires_alignment() {
-        let n = Negotiated { min_block_bytes: 512, ..negotiated() };
+        let n = Negotiated {
+            min_block_bytes: 512,
+            ..negotiated()
+        };
         assert!(validate(&header(CMD_READ, 0, 512, 512), &n).is_ok());
         assert!(validate(&header(CMD_READ, 0, 1, 512), &n).is_err());
     }
@@ -626,11 +747,17 @@ mod tests {
         go.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
         assert_eq!(
             parse_option(OPT_GO, &go).unwrap(),
-            ClientOption::Go { export: "r0".into(), requests: vec![INFO_BLOCK_SIZE] }
+            ClientOption::Go {
+                export: "r0".into(),
+                requests: vec![INFO_BLOCK_SIZE]
+            }
         );
         assert!(parse_option(OPT_GO, &go[..5]).is_err());
         assert!(parse_option(OPT_LIST, b"x").is_err());
-        assert_eq!(parse_option(99, b"junk").unwrap(), ClientOption::Unknown(99));
+        assert_eq!(
+            parse_option(99, b"junk").unwrap(),
+            ClientOption::Unknown(99)
+        );
         let mut meta = Vec::new();
         meta.extend_from_slice(&0u32.to_be_bytes());
         meta.extend_from_slice(&1u32.to_be_bytes());
@@ -638,7 +765,10 @@ mod tests {
         meta.extend_from_slice(b"base:allocation");
         assert_eq!(
             parse_option(OPT_SET_META_CONTEXT, &meta).unwrap(),
-            ClientOption::SetMetaContext { export: String::new(), queries: vec!["base:allocation".into()] }
+            ClientOption::SetMetaContext {
+                export: String::new(),
+                queries: vec!["base:allocation".into()]
+            }
         );
     }
 

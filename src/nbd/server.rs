@@ -72,7 +72,10 @@ impl Clients {
     }
 
     fn drain_token(&self) -> CancellationToken {
-        self.drain.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.drain
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Tells every attached client to finish its in-flight requests and
@@ -204,21 +207,24 @@ impl<P: ExportPolicy + 'static> NbdServer<P> {
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
         tracing::debug!(client = %peer, "NBD connection");
-        let session = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut stream, &*self.policy)).await {
-            Ok(Ok(session)) => session,
-            Ok(Err(HandshakeError::Aborted)) => {
-                tracing::debug!(client = %peer, "NBD client ended the handshake");
-                return;
-            }
-            Ok(Err(e)) => {
-                tracing::info!(client = %peer, reason = %e, "NBD handshake ended");
-                return;
-            }
-            Err(_) => {
-                tracing::info!(client = %peer, "NBD handshake timed out");
-                return;
-            }
-        };
+        let session =
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut stream, &*self.policy))
+                .await
+            {
+                Ok(Ok(session)) => session,
+                Ok(Err(HandshakeError::Aborted)) => {
+                    tracing::debug!(client = %peer, "NBD client ended the handshake");
+                    return;
+                }
+                Ok(Err(e)) => {
+                    tracing::info!(client = %peer, reason = %e, "NBD handshake ended");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(client = %peer, "NBD handshake timed out");
+                    return;
+                }
+            };
         let attached = self.clients.attach();
         tracing::info!(client = %peer, size_bytes = session.export.size_bytes,
             structured = session.structured, clients = self.clients.count(), "NBD client attached");
@@ -234,8 +240,12 @@ impl<P: ExportPolicy + 'static> NbdServer<P> {
         .await;
         drop(attached);
         match result {
-            Ok(()) => tracing::info!(client = %peer, clients = self.clients.count(), "NBD client detached"),
-            Err(e) => tracing::warn!(client = %peer, error = %e, clients = self.clients.count(), "NBD client dropped"),
+            Ok(()) => {
+                tracing::info!(client = %peer, clients = self.clients.count(), "NBD client detached")
+            }
+            Err(e) => {
+                tracing::warn!(client = %peer, error = %e, clients = self.clients.count(), "NBD client dropped")
+            }
         }
     }
 }

@@ -134,7 +134,12 @@ impl Buf for ReplyQueue {
 
     fn chunks_vectored<'a>(&'a self, dst: &mut [IoSlice<'a>]) -> usize {
         let mut n = 0;
-        for chunk in self.chunks.iter().map(|c| &c[..]).chain(std::iter::once(&self.tail[..])) {
+        for chunk in self
+            .chunks
+            .iter()
+            .map(|c| &c[..])
+            .chain(std::iter::once(&self.tail[..]))
+        {
             if n == dst.len() {
                 break;
             }
@@ -184,7 +189,11 @@ fn errno_of(error: &VolumeError) -> Errno {
 
 /// Turns allocation runs into BLOCK_STATUS descriptors.
 fn extents(runs: Vec<(u64, bool)>, req_one: bool) -> Vec<(u32, u32)> {
-    let limit = if req_one { 1 } else { MAX_BLOCK_STATUS_DESCRIPTORS };
+    let limit = if req_one {
+        1
+    } else {
+        MAX_BLOCK_STATUS_DESCRIPTORS
+    };
     let mut out: Vec<(u32, u32)> = Vec::new();
     for (length, hole) in runs {
         let flags = if hole { STATE_HOLE | STATE_ZERO } else { 0 };
@@ -201,25 +210,50 @@ fn extents(runs: Vec<(u64, bool)>, req_one: bool) -> Vec<(u32, u32)> {
 }
 
 async fn execute(args: ExecuteArgs) -> Completed {
-    let ExecuteArgs { volume, handle, command, payload, cost_bytes, permit } = args;
+    let ExecuteArgs {
+        volume,
+        handle,
+        command,
+        payload,
+        cost_bytes,
+        permit,
+    } = args;
     let result = match command {
-        Command::Read { offset, length } => volume
-            .read(offset, length)
+        Command::Read { offset, length } => {
+            volume.read(offset, length).await.map(|data| Outcome::Data {
+                offset,
+                data: data.freeze(),
+            })
+        }
+        Command::Write { offset, fua, .. } => volume
+            .write(offset, payload, fua)
             .await
-            .map(|data| Outcome::Data { offset, data: data.freeze() }),
-        Command::Write { offset, fua, .. } => {
-            volume.write(offset, payload, fua).await.map(|()| Outcome::Done)
-        }
+            .map(|()| Outcome::Done),
         Command::Flush => volume.flush().await.map(|()| Outcome::Done),
-        Command::Trim { offset, length, fua } => {
-            volume.trim(offset, length, fua).await.map(|()| Outcome::Done)
-        }
+        Command::Trim {
+            offset,
+            length,
+            fua,
+        } => volume
+            .trim(offset, length, fua)
+            .await
+            .map(|()| Outcome::Done),
         Command::Cache { offset, length } => volume.cache(offset, length).map(|()| Outcome::Done),
-        Command::WriteZeroes { offset, length, fua, may_punch, fast_only } => volume
+        Command::WriteZeroes {
+            offset,
+            length,
+            fua,
+            may_punch,
+            fast_only,
+        } => volume
             .write_zeroes(offset, length, may_punch, fast_only, fua)
             .await
             .map(|()| Outcome::Done),
-        Command::BlockStatus { offset, length, req_one } => volume
+        Command::BlockStatus {
+            offset,
+            length,
+            req_one,
+        } => volume
             .allocation(offset, length)
             .map(|runs| Outcome::Extents(extents(runs, req_one))),
         Command::Disconnect => Ok(Outcome::Done),
@@ -228,7 +262,13 @@ async fn execute(args: ExecuteArgs) -> Completed {
         errno: errno_of(&error),
         message: error.to_string(),
     });
-    Completed { handle, command, cost_bytes, outcome, _permit: permit }
+    Completed {
+        handle,
+        command,
+        cost_bytes,
+        outcome,
+        _permit: permit,
+    }
 }
 
 /// What the connection is doing with the bytes after a header.
@@ -236,7 +276,10 @@ async fn execute(args: ExecuteArgs) -> Completed {
 enum Reading {
     Header,
     /// Dropping the payload of a too-large write; then answer `EINVAL`.
-    Drain { handle: u64, remaining: u32 },
+    Drain {
+        handle: u64,
+        remaining: u32,
+    },
     /// Stopped: client disconnected, sent DISC, or the stream broke.
     Stopped,
 }
@@ -422,12 +465,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             Payload::Data(length) => length as usize,
             Payload::Drain(length) => {
                 self.rbuf.advance(REQUEST_HEADER_BYTES);
-                self.reading = Reading::Drain { handle: header.handle, remaining: length };
+                self.reading = Reading::Drain {
+                    handle: header.handle,
+                    remaining: length,
+                };
                 return Parsed::Progress;
             }
             Payload::TooLarge => {
                 self.rbuf.advance(REQUEST_HEADER_BYTES);
-                self.reply_error(header.handle, Errno::Inval, "larger than the maximum block size");
+                self.reply_error(
+                    header.handle,
+                    Errno::Inval,
+                    "larger than the maximum block size",
+                );
                 self.fail(TransmissionError::PayloadTooLarge(header.length));
                 return Parsed::Progress;
             }
@@ -518,9 +568,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 });
                 self.out.push_data(data);
             }
-            Outcome::Extents(extents) => {
-                self.out.encode(|out| block_status_reply(out, done.handle, &extents))
-            }
+            Outcome::Extents(extents) => self
+                .out
+                .encode(|out| block_status_reply(out, done.handle, &extents)),
             Outcome::Failed { errno, message } => {
                 tracing::info!(client = %self.peer, handle = done.handle, command = ?done.command,
                     errno = ?errno, reason = %message, "NBD request failed");

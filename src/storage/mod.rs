@@ -55,11 +55,23 @@ pub enum StorageError {
 /// One operation on the backing file.
 #[derive(Debug)]
 pub enum IoOp {
-    Read { offset: u64, len: usize, buf: BytesMut },
-    Write { offset: u64, data: Bytes, fua: bool },
+    Read {
+        offset: u64,
+        len: usize,
+        buf: BytesMut,
+    },
+    Write {
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
     /// fdatasync.
     Flush,
-    Fallocate { offset: u64, len: u64, mode: FallocateFlags },
+    Fallocate {
+        offset: u64,
+        len: u64,
+        mode: FallocateFlags,
+    },
 }
 
 /// The result of a completed operation.
@@ -288,7 +300,12 @@ impl Storage {
     }
 
     /// Fails at once with `EOPNOTSUPP` unless zeroing is fast.
-    pub async fn write_zeroes_fast(&self, offset: u64, len: u64, may_punch: bool) -> io::Result<()> {
+    pub async fn write_zeroes_fast(
+        &self,
+        offset: u64,
+        len: u64,
+        may_punch: bool,
+    ) -> io::Result<()> {
         if !self.can_zero_fast {
             return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
         }
@@ -387,7 +404,10 @@ pub fn aligned_zeroed(len: usize) -> BytesMut {
 /// Whether the file system under `path` can zero a range without writing
 /// data, tried on an unnamed temporary file beside it (nothing is touched).
 fn probe_fast_zero(path: &Path) -> bool {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let Ok(probe) = OpenOptions::new()
         .read(true)
         .write(true)
@@ -417,29 +437,54 @@ mod tests {
 
         // Write then read back, including an unaligned range.
         let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
-        storage.write(4097, Bytes::from(data.clone()), false).await.unwrap();
+        storage
+            .write(4097, Bytes::from(data.clone()), false)
+            .await
+            .unwrap();
         let back = storage.read(4097, data.len()).await.unwrap();
         assert_eq!(&back[..], &data[..]);
 
         // FUA write and flush succeed.
-        storage.write(0, Bytes::from(vec![7u8; 4096]), true).await.unwrap();
+        storage
+            .write(0, Bytes::from(vec![7u8; 4096]), true)
+            .await
+            .unwrap();
         storage.flush().await.unwrap();
         assert_eq!(&storage.read(0, 4096).await.unwrap()[..], &[7u8; 4096][..]);
 
         // Trim leaves zeroes and a hole.
-        storage.write(1 << 20, Bytes::from(vec![9u8; 1 << 20]), false).await.unwrap();
+        storage
+            .write(1 << 20, Bytes::from(vec![9u8; 1 << 20]), false)
+            .await
+            .unwrap();
         storage.trim(1 << 20, 1 << 20).await.unwrap();
-        assert!(storage.read(1 << 20, 1 << 20).await.unwrap().iter().all(|&b| b == 0));
+        assert!(storage
+            .read(1 << 20, 1 << 20)
+            .await
+            .unwrap()
+            .iter()
+            .all(|&b| b == 0));
         let map = storage.allocation(1 << 20, 1 << 20).unwrap();
         assert_eq!(map, vec![(1 << 20, true)], "trimmed range is a hole");
 
         // Zeroes without punching keep the range allocated.
-        storage.write(2 << 20, Bytes::from(vec![5u8; 8192]), false).await.unwrap();
+        storage
+            .write(2 << 20, Bytes::from(vec![5u8; 8192]), false)
+            .await
+            .unwrap();
         storage.write_zeroes(2 << 20, 8192, false).await.unwrap();
-        assert!(storage.read(2 << 20, 8192).await.unwrap().iter().all(|&b| b == 0));
+        assert!(storage
+            .read(2 << 20, 8192)
+            .await
+            .unwrap()
+            .iter()
+            .all(|&b| b == 0));
 
         // Nothing reaches past the data area.
-        let err = storage.write(4 << 20, Bytes::from(vec![1u8; 1]), false).await.unwrap_err();
+        let err = storage
+            .write(4 << 20, Bytes::from(vec![1u8; 1]), false)
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
         assert!(storage.read((4 << 20) - 1, 2).await.is_err());
 
@@ -453,7 +498,11 @@ mod tests {
             result.unwrap();
         }
         let reads: Vec<_> = (0..200u64).map(|i| storage.read(i * 4096, 4096)).collect();
-        for (i, result) in futures::future::join_all(reads).await.into_iter().enumerate() {
+        for (i, result) in futures::future::join_all(reads)
+            .await
+            .into_iter()
+            .enumerate()
+        {
             assert!(result.unwrap().iter().all(|&b| b == (i % 256) as u8));
         }
     }

@@ -54,14 +54,16 @@ impl Engine for ThreadEngine {
     fn submit(&self, op: IoOp) -> IoCompletion {
         let (done, completion) = IoCompletion::channel();
         if self.workers.is_empty() {
-            let _ = done.send(Err(std::io::Error::other("no I/O worker thread could start")));
+            let _ = done.send(Err(std::io::Error::other(
+                "no I/O worker thread could start",
+            )));
             return completion;
         }
         if let Err(err) = self.jobs.try_send(Job { op, done }) {
             let job = err.into_inner();
-            let _ = job
-                .done
-                .send(Err(std::io::Error::other("I/O queue full: in-flight bound broken")));
+            let _ = job.done.send(Err(std::io::Error::other(
+                "I/O queue full: in-flight bound broken",
+            )));
         }
         completion
     }

@@ -50,7 +50,9 @@ struct Shared {
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared").field("fd", &self.fd).finish_non_exhaustive()
+        f.debug_struct("Shared")
+            .field("fd", &self.fd)
+            .finish_non_exhaustive()
     }
 }
 
@@ -92,7 +94,8 @@ impl UringEngine {
         let _runtime = runtime.enter();
         // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open
         // and the same for the AsyncFd's whole life.
-        let notifications = unsafe { AsyncFd::register_with_interest(eventfd, Interest::READABLE) }?;
+        let notifications =
+            unsafe { AsyncFd::register_with_interest(eventfd, Interest::READABLE) }?;
         let reaper = runtime.spawn(reap_on_notification(shared.clone(), notifications));
         Ok(UringEngine { shared, reaper })
     }
