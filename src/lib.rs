@@ -14,5 +14,6 @@ pub mod control;
 pub mod daemon;
 pub mod meta;
 pub mod nbd;
+pub mod replication;
 pub mod storage;
 pub mod volume;

@@ -8,8 +8,11 @@
 //! the new state (acknowledge writes in a new generation, say) only once it
 //! is safe on disk.
 
+pub mod activity_log;
+pub mod bitmap;
 pub mod layout;
 pub mod superblock;
+pub mod tracker;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
@@ -248,7 +251,7 @@ impl MetaStore {
         let mut peer_slots = vec![
             PeerSlot {
                 node_id: None,
-                tracking: Generation::INITIAL,
+                tracking: None,
             };
             usize::from(layout.max_peers)
         ];

@@ -51,8 +51,10 @@ pub enum StoredDisk {
 pub struct PeerSlot {
     /// `None` = free slot.
     pub node_id: Option<u8>,
-    /// The bitmap holds every block written since this generation.
-    pub tracking: Generation,
+    /// The bitmap holds every block written since the peer last had this
+    /// data generation. `None`: the bitmap says nothing reliable about the
+    /// peer (never synced), so a resync toward it must be full.
+    pub tracking: Option<Generation>,
 }
 
 /// Durable flags.
@@ -225,7 +227,8 @@ impl Superblock {
         debug_assert_eq!(self.peer_slots.len(), usize::from(l.max_peers));
         for slot in &self.peer_slots {
             w.u8(slot.node_id.unwrap_or(u8::MAX));
-            w.u64(slot.tracking.0);
+            w.u8(u8::from(slot.tracking.is_some()));
+            w.u64(slot.tracking.map_or(0, |g| g.0));
         }
         w.u32(self.al_extents);
         debug_assert!(w.buf.len() <= BLOCK, "superblock overflows its block");
@@ -313,9 +316,15 @@ impl Superblock {
                 id if id <= crate::config::MAX_NODE_ID => Some(id),
                 _ => return Err(DecodeError::BadField("peer slot")),
             };
+            let tracked = match r.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err(DecodeError::BadField("peer slot tracking")),
+            };
+            let generation = Generation(r.u64()?);
             peer_slots.push(PeerSlot {
                 node_id,
-                tracking: Generation(r.u64()?),
+                tracking: tracked.then_some(generation),
             });
         }
         let al_extents = r.u32()?;
@@ -394,7 +403,7 @@ pub(crate) mod tests {
             peer_slots: (0..7)
                 .map(|i| PeerSlot {
                     node_id: if i < 2 { Some(i * 2) } else { None },
-                    tracking: Generation(u64::from(i)),
+                    tracking: (i > 0).then_some(Generation(u64::from(i))),
                 })
                 .collect(),
             al_extents: 1237,
@@ -416,7 +425,7 @@ pub(crate) mod tests {
         sb.peer_slots = vec![
             PeerSlot {
                 node_id: Some(3),
-                tracking: Generation(1)
+                tracking: Some(Generation(1))
             };
             usize::from(sb.layout.max_peers)
         ];

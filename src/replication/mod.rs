@@ -1,0 +1,3 @@
+//! Peer wire format, connections, write streaming, resync, verify.
+
+pub mod wire;
