@@ -91,10 +91,16 @@ fn roles_status_and_nbd_export() {
 
     let status = cluster.status("alpha");
     assert_eq!(status["role"], "Primary");
-    assert_ne!(status["generation"], "0000000000000000", "promotion starts a generation");
+    assert_ne!(
+        status["generation"], "0000000000000000",
+        "promotion starts a generation"
+    );
     assert_eq!(status["generation"], status["known_generation"]);
     let size = status["size_bytes"].as_u64().unwrap();
-    assert!(size > 0 && size < DISK, "metadata takes the end of the disk");
+    assert!(
+        size > 0 && size < DISK,
+        "metadata takes the end of the disk"
+    );
 
     let info = run_ok(Command::new("nbdinfo").args(["--json", &uri]));
     let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
@@ -124,7 +130,11 @@ fn roles_status_and_nbd_export() {
 
     let (code, _, _) = cluster.cmd("alpha", &["secondary", "--force"]);
     assert_eq!(code, 0);
-    assert_eq!(cluster.status("alpha")["nbd"]["clients"], 0, "--force disconnected it");
+    assert_eq!(
+        cluster.status("alpha")["nbd"]["clients"],
+        0,
+        "--force disconnected it"
+    );
     let _ = client.kill();
     let _ = client.wait();
     assert_eq!(cluster.status("alpha")["role"], "Secondary");
@@ -139,7 +149,10 @@ fn roles_status_and_nbd_export() {
     let (code, _, _) = cluster.cmd("alpha", &["down"]);
     assert_eq!(code, 0);
     assert!(cluster.wait_exit("alpha").success());
-    assert!(!cluster.dir.path().join("alpha.sock").exists(), "control socket removed");
+    assert!(
+        !cluster.dir.path().join("alpha.sock").exists(),
+        "control socket removed"
+    );
 }
 
 #[test]
@@ -168,5 +181,9 @@ fn a_second_daemon_for_the_same_node_is_refused() {
     let (code, _, stderr) = cluster.cmd("alpha", &["up"]);
     assert_eq!(code, 1);
     assert!(stderr.contains("already running"), "{stderr}");
-    assert_eq!(cluster.status("alpha")["role"], "Secondary", "the first one is unharmed");
+    assert_eq!(
+        cluster.status("alpha")["role"],
+        "Secondary",
+        "the first one is unharmed"
+    );
 }

@@ -28,6 +28,8 @@ pub enum HandshakeError {
     OptionTooLarge(u32),
     #[error("client asked for export '{0}' with OPT_EXPORT_NAME, which does not exist")]
     UnknownExport(String),
+    #[error("client sent an unusable export name with OPT_EXPORT_NAME: {0}")]
+    InvalidExportName(&'static str),
     #[error("export refused with OPT_EXPORT_NAME: {0}")]
     ExportRefused(String),
     #[error("client aborted the handshake")]
@@ -181,6 +183,11 @@ impl<P: ExportPolicy> Haggle<'_, P> {
     async fn handle(&mut self, code: u32, data: &[u8]) -> Result<Next, HandshakeError> {
         let option = match parse_option(code, data) {
             Ok(option) => option,
+            // OPT_EXPORT_NAME has no error reply: the client would read
+            // one as the export's size and flags. Close instead.
+            Err(InvalidOption(why)) if code == OPT_EXPORT_NAME => {
+                return Err(HandshakeError::InvalidExportName(why));
+            }
             Err(InvalidOption(why)) => {
                 self.error(code, REP_ERR_INVALID, why);
                 return Ok(Next::Continue);

@@ -464,6 +464,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             Payload::None => 0,
             Payload::Data(length) => length as usize,
             Payload::Drain(length) => {
+                tracing::info!(client = %self.peer, handle = header.handle, command = header.command,
+                    offset = header.offset, length, reason = "larger than the maximum block size; draining its payload",
+                    "NBD request refused");
                 self.rbuf.advance(REQUEST_HEADER_BYTES);
                 self.reading = Reading::Drain {
                     handle: header.handle,

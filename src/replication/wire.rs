@@ -213,8 +213,6 @@ pub enum Message {
         offset: u64,
         blocks: u32,
     },
-    /// Verify finished (sent by the verify source).
-    VerifyEnd,
     /// Record a new generation (compare-and-set on each voter).
     NewGeneration {
         lineage: WireLineage,
@@ -264,7 +262,6 @@ impl Message {
             Message::SyncEnd { .. } => "SyncEnd",
             Message::VerifyHashes { .. } => "VerifyHashes",
             Message::VerifyResult { .. } => "VerifyResult",
-            Message::VerifyEnd => "VerifyEnd",
             Message::NewGeneration { .. } => "NewGeneration",
             Message::GenerationRecorded { .. } => "GenerationRecorded",
             Message::SkipSync { .. } => "SkipSync",
@@ -521,7 +518,6 @@ mod tests {
                 offset: 0,
                 blocks: 1,
             },
-            Message::VerifyEnd,
             Message::NewGeneration { lineage, token: 4 },
             Message::GenerationRecorded {
                 token: 4,

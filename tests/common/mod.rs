@@ -100,9 +100,15 @@ impl Cluster {
             ));
             match node.disk_bytes {
                 Some(bytes) => {
-                    let disk_dir = node.disk_dir.clone().unwrap_or_else(|| dir.path().to_owned());
+                    let disk_dir = node
+                        .disk_dir
+                        .clone()
+                        .unwrap_or_else(|| dir.path().to_owned());
                     let disk = disk_dir.join(format!("{}.img", node.name));
-                    std::fs::File::create(&disk).unwrap().set_len(bytes).unwrap();
+                    std::fs::File::create(&disk)
+                        .unwrap()
+                        .set_len(bytes)
+                        .unwrap();
                     text.push_str(&format!(
                         "nbd = \"{}:{}\"\ndisk = \"{}\"\n",
                         node.address.split(':').next().unwrap(),
@@ -126,7 +132,7 @@ impl Cluster {
             daemons,
         };
         for node in &cluster.nodes {
-            run_ok(&mut cluster.hablk(&node.name).arg("create-md"));
+            run_ok(cluster.hablk(&node.name).arg("create-md"));
         }
         cluster
     }
@@ -268,7 +274,9 @@ impl Cluster {
         });
         let stream = EventStream { child, lines: rx };
         // Subscribed once the snapshot has been sent: nothing after is lost.
-        stream.wait_for("end of the events snapshot", |e| e["kind"] == "end-of-snapshot");
+        stream.wait_for("end of the events snapshot", |e| {
+            e["kind"] == "end-of-snapshot"
+        });
         stream
     }
 }
@@ -313,10 +321,11 @@ impl Drop for EventStream {
 
 /// md5 of the first `bytes` of a file.
 pub fn md5_of(path: &Path, bytes: u64) -> String {
-    let output = run_ok(Command::new("sh").arg("-c").arg(format!(
-        "head -c {bytes} '{}' | md5sum",
-        path.display()
-    )));
+    let output = run_ok(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("head -c {bytes} '{}' | md5sum", path.display())),
+    );
     String::from_utf8_lossy(&output.stdout)
         .split_whitespace()
         .next()

@@ -1,0 +1,178 @@
+//! Connections between nodes: a full mesh, one logical connection per pair.
+//!
+//! Every node listens on its `address`; of each pair, the node with the
+//! lower id dials, from its own `address` IP (so a firewall rule on a
+//! node's IP cuts exactly its traffic). A dialer retries with backoff while
+//! the core wants the peer connected and no session is live. Handshakes run
+//! here; the established socket goes to the cluster core, which decides
+//! whether to start a session (it refuses a second one, or a StandAlone
+//! peer).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
+
+use super::handshake::{handshake, Identity};
+use crate::config::Config;
+
+/// First retry delay after a failed dial; doubles up to the maximum.
+pub const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(100);
+pub const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Handshakes running at once on the listener (a flood of garbage
+/// connections cannot exhaust the node).
+pub const MAX_PENDING_HANDSHAKES: usize = 64;
+
+/// What the core wants for one peer's connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wanted {
+    /// Keep dialing until a session is live.
+    Connect,
+    /// A session is live: do nothing.
+    Live,
+    /// StandAlone (operator `disconnect`, split-brain): do not dial.
+    Off,
+}
+
+/// A handshaken connection, ready for a session.
+#[derive(Debug)]
+pub struct Established {
+    pub peer: u8,
+    pub stream: TcpStream,
+    /// Bytes read past the handshake.
+    pub leftover: BytesMut,
+}
+
+/// Accepts peer connections on `address` until the task is dropped.
+pub async fn listen(
+    listener: TcpListener,
+    config: Arc<Config>,
+    identity: Identity,
+    established: mpsc::Sender<Established>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
+    loop {
+        let (mut stream, from) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "replication accept failed");
+                tokio::time::sleep(DIAL_BACKOFF_MIN).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%from, "replication connection dropped: too many handshakes in progress");
+            continue;
+        };
+        let config = config.clone();
+        let identity = identity.clone();
+        let established = established.clone();
+        tokio::spawn(
+            async move {
+                match handshake(&mut stream, &identity, &config, None).await {
+                    Ok((peer, leftover)) => {
+                        let _ = established
+                            .send(Established {
+                                peer,
+                                stream,
+                                leftover,
+                            })
+                            .await;
+                    }
+                    Err(e) => tracing::warn!(%from, reason = %e, "peer connection refused"),
+                }
+                drop(permit);
+            }
+            .in_current_span(),
+        );
+    }
+}
+
+async fn dial_once(
+    my_ip: std::net::IpAddr,
+    address: SocketAddr,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    let socket = if address.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(SocketAddr::new(my_ip, 0))?;
+    tokio::time::timeout(timeout, socket.connect(address))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+}
+
+/// Dials `peer` whenever the core wants it connected.
+pub async fn dial(
+    peer: u8,
+    config: Arc<Config>,
+    identity: Identity,
+    mut wanted: watch::Receiver<Wanted>,
+    established: mpsc::Sender<Established>,
+) {
+    let Some(me) = config.node_by_id(identity.node_id) else {
+        return;
+    };
+    let Some(target) = config.node_by_id(peer) else {
+        return;
+    };
+    let my_ip = me.address.ip();
+    let address = target.address;
+    let timeout = config.resource.ping_timeout.max(Duration::from_millis(500));
+    let mut backoff = DIAL_BACKOFF_MIN;
+    let mut last_error = String::new();
+    loop {
+        let state = *wanted.borrow_and_update();
+        if state != Wanted::Connect {
+            backoff = DIAL_BACKOFF_MIN;
+            if wanted.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let result = match dial_once(my_ip, address, timeout).await {
+            Ok(mut stream) => handshake(&mut stream, &identity, &config, Some(peer))
+                .await
+                .map(|(_, leftover)| (stream, leftover))
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(format!("cannot connect to {address}: {e}")),
+        };
+        match result {
+            Ok((stream, leftover)) => {
+                backoff = DIAL_BACKOFF_MIN;
+                last_error.clear();
+                if established
+                    .send(Established {
+                        peer,
+                        stream,
+                        leftover,
+                    })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                // Wait for the core to take it (Live) or drop it.
+                let _ = tokio::time::timeout(timeout, wanted.changed()).await;
+            }
+            Err(error) => {
+                if error != last_error {
+                    tracing::info!(peer = %target.name, reason = %error, "cannot connect to peer; retrying");
+                    last_error = error;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    changed = wanted.changed() => if changed.is_err() { return },
+                }
+                backoff = (backoff * 2).min(DIAL_BACKOFF_MAX);
+            }
+        }
+    }
+}

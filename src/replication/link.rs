@@ -1,0 +1,222 @@
+//! A live connection to one peer, as the rest of the node sees it: a queue
+//! of frames to send and the acknowledgements still owed.
+//!
+//! The session task owns the socket; everything else talks to the peer
+//! through a [`PeerLink`]. Bytes queued toward a peer and not yet
+//! acknowledged are counted; past [`MAX_PEER_IN_FLIGHT_BYTES`] the peer is
+//! too slow to keep up, and the link is closed rather than stall the
+//! Primary: the write path then tracks the peer's blocks in the bitmap, and
+//! it is resynced when it reconnects.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::wire::{Frame, Message};
+
+/// Bytes queued toward one peer and not yet acknowledged before it is
+/// dropped to bitmap tracking.
+pub const MAX_PEER_IN_FLIGHT_BYTES: u64 = 256 << 20;
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One frame on its way out.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub message: Message,
+    pub payload: Bytes,
+}
+
+/// A peer's acknowledgement of one write: `true` = done there.
+pub type AckReceiver = oneshot::Receiver<bool>;
+
+/// The handle to a connected peer.
+#[derive(Debug)]
+pub struct PeerLink {
+    pub peer: u8,
+    pub name: String,
+    outbox: mpsc::UnboundedSender<Outgoing>,
+    in_flight_bytes: AtomicU64,
+    acks: Mutex<HashMap<u64, (oneshot::Sender<bool>, u64)>>,
+    barriers: Mutex<HashMap<u64, oneshot::Sender<bool>>>,
+    /// Replies for a resync or verify this node drives toward the peer.
+    sync_replies: Mutex<Option<mpsc::UnboundedSender<Frame>>>,
+    closed: CancellationToken,
+    close_reason: Mutex<Option<String>>,
+}
+
+impl PeerLink {
+    /// A link and the receiving end of its outbox (for the session).
+    pub fn new(peer: u8, name: String) -> (PeerLink, mpsc::UnboundedReceiver<Outgoing>) {
+        let (outbox, queue) = mpsc::unbounded_channel();
+        (
+            PeerLink {
+                peer,
+                name,
+                outbox,
+                in_flight_bytes: AtomicU64::new(0),
+                acks: Mutex::new(HashMap::new()),
+                barriers: Mutex::new(HashMap::new()),
+                sync_replies: Mutex::new(None),
+                closed: CancellationToken::new(),
+                close_reason: Mutex::new(None),
+            },
+            queue,
+        )
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    /// Resolves when the link closes.
+    pub fn closed(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.closed.cancelled()
+    }
+
+    /// Closes the link; every owed acknowledgement resolves as failed.
+    pub fn close(&self, reason: impl Into<String>) {
+        let mut slot = lock(&self.close_reason);
+        if slot.is_none() {
+            *slot = Some(reason.into());
+        }
+        drop(slot);
+        self.closed.cancel();
+        lock(&self.acks).clear();
+        lock(&self.barriers).clear();
+        lock(&self.sync_replies).take();
+        self.in_flight_bytes.store(0, AtomicOrdering::Relaxed);
+    }
+
+    pub fn close_reason(&self) -> Option<String> {
+        lock(&self.close_reason).clone()
+    }
+
+    /// Queues a frame; `false` if the link is closed.
+    pub fn send(&self, message: Message, payload: Bytes) -> bool {
+        !self.is_closed() && self.outbox.send(Outgoing { message, payload }).is_ok()
+    }
+
+    /// Queues a replicated write and returns the acknowledgement to await,
+    /// or `None` when the peer is gone (or just dropped for being slow).
+    pub fn replicate(&self, seq: u64, message: Message, payload: Bytes) -> Option<AckReceiver> {
+        let bytes = payload.len() as u64;
+        let queued = self
+            .in_flight_bytes
+            .fetch_add(bytes, AtomicOrdering::Relaxed)
+            + bytes;
+        if queued > MAX_PEER_IN_FLIGHT_BYTES {
+            self.close(format!(
+                "peer too slow: {queued} bytes unacknowledged (limit {MAX_PEER_IN_FLIGHT_BYTES}); \
+                 tracking its blocks in the bitmap instead"
+            ));
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        lock(&self.acks).insert(seq, (tx, bytes));
+        if !self.send(message, payload) {
+            lock(&self.acks).remove(&seq);
+            return None;
+        }
+        Some(rx)
+    }
+
+    /// The session calls this for each `WriteAck`.
+    pub fn acked(&self, seq: u64, ok: bool) {
+        if let Some((tx, bytes)) = lock(&self.acks).remove(&seq) {
+            let _ = self.in_flight_bytes.fetch_update(
+                AtomicOrdering::Relaxed,
+                AtomicOrdering::Relaxed,
+                |v| Some(v.saturating_sub(bytes)),
+            );
+            let _ = tx.send(ok);
+        }
+    }
+
+    /// Sends a barrier and returns its acknowledgement.
+    pub fn barrier(&self, epoch: u64) -> Option<AckReceiver> {
+        let (tx, rx) = oneshot::channel();
+        lock(&self.barriers).insert(epoch, tx);
+        if !self.send(Message::Barrier { epoch }, Bytes::new()) {
+            lock(&self.barriers).remove(&epoch);
+            return None;
+        }
+        Some(rx)
+    }
+
+    pub fn barrier_acked(&self, epoch: u64, ok: bool) {
+        if let Some(tx) = lock(&self.barriers).remove(&epoch) {
+            let _ = tx.send(ok);
+        }
+    }
+
+    /// Subscribes to resync/verify replies (one driver at a time).
+    pub fn sync_replies(&self) -> mpsc::UnboundedReceiver<Frame> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *lock(&self.sync_replies) = Some(tx);
+        rx
+    }
+
+    /// The session routes a resync/verify reply; `false` if nobody listens.
+    pub fn route_sync_reply(&self, frame: Frame) -> bool {
+        match &*lock(&self.sync_replies) {
+            Some(tx) => tx.send(frame).is_ok(),
+            None => false,
+        }
+    }
+
+    pub fn in_flight_bytes(&self) -> u64 {
+        self.in_flight_bytes.load(AtomicOrdering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(seq: u64) -> Message {
+        Message::Write {
+            seq,
+            epoch: 0,
+            offset: 0,
+            fua: false,
+            sent_to: 3,
+            complete_below: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn acks_resolve_and_close_fails_the_rest() {
+        let (link, mut queue) = PeerLink::new(1, "beta".into());
+        let first = link
+            .replicate(1, write(1), Bytes::from_static(b"abcd"))
+            .unwrap();
+        let second = link
+            .replicate(2, write(2), Bytes::from_static(b"efgh"))
+            .unwrap();
+        assert_eq!(link.in_flight_bytes(), 8);
+        assert!(queue.recv().await.is_some());
+        link.acked(1, true);
+        assert!(first.await.unwrap());
+        link.close("gone");
+        assert!(second.await.is_err(), "a closed link fails what it owed");
+        assert!(link.replicate(3, write(3), Bytes::new()).is_none());
+        assert_eq!(link.close_reason().as_deref(), Some("gone"));
+    }
+
+    #[test]
+    fn a_slow_peer_is_dropped() {
+        let (link, _queue) = PeerLink::new(1, "beta".into());
+        let big = Bytes::from(vec![0u8; (MAX_PEER_IN_FLIGHT_BYTES / 2 + 1) as usize]);
+        assert!(link.replicate(1, write(1), big.clone()).is_some());
+        assert!(link.replicate(2, write(2), big).is_none());
+        assert!(link.is_closed());
+        assert!(link.close_reason().unwrap().contains("too slow"));
+    }
+}

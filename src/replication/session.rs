@@ -1,0 +1,873 @@
+//! One peer connection after its handshake: a single task that reads
+//! frames, applies what it is asked to apply, and writes what the rest of
+//! the node queued — one poll loop, like the NBD connection's.
+//!
+//! Receiving side (a Secondary, a sync target, a verify target):
+//! - replicated writes enter the activity log, mark the data nodes they did
+//!   not reach, and go to the local disk; overlapping ones wait for the
+//!   earlier one, so they land in stream order. Protocol B acknowledges on
+//!   receipt, C once written.
+//! - a barrier waits for every earlier write, then fdatasync, then acks.
+//! - resync data and hash comparisons are answered only after a flush
+//!   makes the blocks durable (flushes are batched).
+//!
+//! Acknowledgements go to the [`PeerLink`]; resync/verify replies to their
+//! driver; everything else (state reports, generations, sync start/end) to
+//! the cluster core. Silence longer than the ping timeout ends the session.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::ops::Range;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::io::{poll_read_buf, poll_write_buf};
+use tokio_util::sync::CancellationToken;
+
+use super::link::{Outgoing, PeerLink};
+use super::wire::{
+    self, block_hashes, mask_bytes, mask_from_bytes, Frame, Message, BLOCK_HASH_BYTES,
+};
+use crate::config::Protocol;
+use crate::meta::bitmap::blocks_of;
+use crate::meta::tracker::Tracker;
+use crate::storage::Storage;
+
+/// Receive buffer kept ready.
+const READ_CHUNK_BYTES: usize = 1 << 20;
+/// Applies in flight on one session (the Primary bounds its own side).
+pub const MAX_SESSION_APPLIES: usize = 4096;
+/// Frames queued for the cluster core from one session.
+pub const CORE_EVENT_QUEUE: usize = 1024;
+/// Writes remembered as not yet complete on every node (see [`Unconfirmed`]).
+pub const MAX_UNCONFIRMED_WRITES: usize = 1 << 16;
+
+/// What a session tells the cluster core.
+#[derive(Debug)]
+pub enum PeerEvent {
+    /// A control frame from the peer.
+    Frame { peer: u8, frame: Frame },
+    /// The session ended; `unconfirmed` are writes from this peer not yet
+    /// known complete on all nodes.
+    Closed {
+        peer: u8,
+        reason: String,
+        unconfirmed: Vec<(u64, u64)>,
+    },
+    /// The local disk failed while applying a peer's write.
+    DiskFailed { error: String },
+}
+
+/// The local disk as the receiving side uses it.
+#[derive(Debug, Clone)]
+pub struct LocalDisk {
+    pub storage: Arc<Storage>,
+    pub tracker: Arc<Tracker>,
+    /// Every data node id of the resource (bit per id).
+    pub data_nodes: u32,
+    /// Set once the backing disk failed: nothing more is written.
+    pub failed: Arc<AtomicBool>,
+}
+
+/// What one session needs to know.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub me: u8,
+    pub protocol: Protocol,
+    pub ping_timeout: Duration,
+    pub disk: Option<LocalDisk>,
+}
+
+/// Writes received from a Primary and not yet known complete everywhere:
+/// if the Primary is lost, they are marked out of sync toward every peer.
+#[derive(Debug, Default)]
+struct Unconfirmed {
+    writes: VecDeque<(u64, u64, u64)>,
+}
+
+impl Unconfirmed {
+    fn push(
+        &mut self,
+        seq: u64,
+        offset: u64,
+        len: u64,
+        complete_below: u64,
+        disk: Option<&LocalDisk>,
+    ) {
+        while self.writes.front().is_some_and(|w| w.0 < complete_below) {
+            self.writes.pop_front();
+        }
+        if self.writes.len() >= MAX_UNCONFIRMED_WRITES {
+            // Too many to remember: mark the oldest now, which is safe.
+            if let (Some((_, offset, len)), Some(disk)) = (self.writes.pop_front(), disk) {
+                disk.tracker.mark_many(disk.data_nodes, offset, len);
+            }
+        }
+        self.writes.push_back((seq, offset, len));
+    }
+}
+
+/// Frames waiting to be written, bulk payloads kept as their own chunks.
+#[derive(Debug, Default)]
+struct OutQueue {
+    chunks: VecDeque<Bytes>,
+    bytes: usize,
+}
+
+impl OutQueue {
+    fn push(&mut self, message: &Message, payload: Bytes) -> Result<(), wire::WireError> {
+        let head = wire::encode_head(message, &payload)?;
+        self.bytes += head.len() + payload.len();
+        self.chunks.push_back(head.freeze());
+        if !payload.is_empty() {
+            self.chunks.push_back(payload);
+        }
+        Ok(())
+    }
+}
+
+impl Buf for OutQueue {
+    fn remaining(&self) -> usize {
+        self.bytes
+    }
+    fn chunk(&self) -> &[u8] {
+        self.chunks.front().map_or(&[], |c| &c[..])
+    }
+    fn advance(&mut self, mut cnt: usize) {
+        self.bytes -= cnt;
+        while cnt > 0 {
+            let Some(front) = self.chunks.front_mut() else {
+                return;
+            };
+            if front.len() <= cnt {
+                cnt -= front.len();
+                self.chunks.pop_front();
+            } else {
+                front.advance(cnt);
+                cnt = 0;
+            }
+        }
+    }
+    fn chunks_vectored<'a>(&'a self, dst: &mut [IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for chunk in &self.chunks {
+            if n == dst.len() {
+                break;
+            }
+            dst[n] = IoSlice::new(chunk);
+            n += 1;
+        }
+        n
+    }
+}
+
+/// Work the receiving side does for the peer.
+#[derive(Debug)]
+enum Job {
+    Write {
+        seq: u64,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+        missing: u32,
+        ack_after: bool,
+    },
+    Zeroes {
+        seq: u64,
+        offset: u64,
+        len: u64,
+        may_punch: bool,
+        fua: bool,
+        missing: u32,
+        ack_after: bool,
+    },
+    Barrier {
+        epoch: u64,
+    },
+    SyncData {
+        offset: u64,
+        data: Bytes,
+    },
+    SyncZeroes {
+        offset: u64,
+        len: u64,
+    },
+    SyncHashes {
+        offset: u64,
+        blocks: u32,
+        hashes: Bytes,
+    },
+    VerifyHashes {
+        offset: u64,
+        blocks: u32,
+        hashes: Bytes,
+    },
+}
+
+/// A finished job.
+#[derive(Debug)]
+struct Done {
+    id: u64,
+    reply: Option<(Message, Bytes)>,
+    /// The reply may only leave after a flush (resync durability).
+    after_flush: bool,
+    /// Blocks to clear toward the peer once durable.
+    clear: Vec<Range<u64>>,
+    failure: Option<String>,
+}
+
+async fn run_job(
+    disk: Option<LocalDisk>,
+    peer: u8,
+    id: u64,
+    waits: Vec<CancellationToken>,
+    job: Job,
+) -> Done {
+    for wait in waits {
+        wait.cancelled().await;
+    }
+    let mut done = Done {
+        id,
+        reply: None,
+        after_flush: false,
+        clear: Vec::new(),
+        failure: None,
+    };
+    let Some(disk) = disk else {
+        done.failure = Some("this node has no disk".into());
+        return done;
+    };
+    let failed = disk.failed.load(AtomicOrdering::Relaxed);
+    match job {
+        Job::Write {
+            seq,
+            offset,
+            data,
+            fua,
+            missing,
+            ack_after,
+        } => {
+            let ok = !failed
+                && apply_write(&disk, offset, &data, fua, missing)
+                    .await
+                    .map_err(|e| done.failure = Some(e))
+                    .is_ok();
+            if ack_after {
+                done.reply = Some((Message::WriteAck { seq, ok }, Bytes::new()));
+            }
+        }
+        Job::Zeroes {
+            seq,
+            offset,
+            len,
+            may_punch,
+            fua,
+            missing,
+            ack_after,
+        } => {
+            let ok = !failed
+                && apply_zeroes(&disk, offset, len, may_punch, fua, missing)
+                    .await
+                    .map_err(|e| done.failure = Some(e))
+                    .is_ok();
+            if ack_after {
+                done.reply = Some((Message::WriteAck { seq, ok }, Bytes::new()));
+            }
+        }
+        Job::Barrier { epoch } => {
+            let ok = !failed
+                && disk
+                    .storage
+                    .flush()
+                    .await
+                    .map_err(|e| done.failure = Some(e.to_string()))
+                    .is_ok();
+            done.reply = Some((Message::BarrierAck { epoch, ok }, Bytes::new()));
+        }
+        Job::SyncData { offset, data } => {
+            let len = data.len() as u64;
+            match apply_write(&disk, offset, &data, false, 0).await {
+                Ok(()) => {
+                    done.reply = Some((Message::SyncAck { offset, len }, Bytes::new()));
+                    done.after_flush = true;
+                    done.clear.push(blocks_of(offset, len));
+                }
+                Err(e) => done.failure = Some(e),
+            }
+        }
+        Job::SyncZeroes { offset, len } => {
+            match apply_zeroes(&disk, offset, len, true, false, 0).await {
+                Ok(()) => {
+                    done.reply = Some((Message::SyncAck { offset, len }, Bytes::new()));
+                    done.after_flush = true;
+                    done.clear.push(blocks_of(offset, len));
+                }
+                Err(e) => done.failure = Some(e),
+            }
+        }
+        Job::SyncHashes {
+            offset,
+            blocks,
+            hashes,
+        }
+        | Job::VerifyHashes {
+            offset,
+            blocks,
+            hashes,
+        } if failed => {
+            let _ = (offset, blocks, hashes);
+            done.failure = Some("local disk failed".into());
+        }
+        Job::SyncHashes {
+            offset,
+            blocks,
+            hashes,
+        } => match differing_blocks(&disk, offset, blocks, &hashes).await {
+            Ok(mask) => {
+                let first = offset / 4096;
+                done.clear = mask
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &differs)| !differs)
+                    .map(|(i, _)| first + i as u64..first + i as u64 + 1)
+                    .collect();
+                done.reply = Some((
+                    Message::SyncNeed { offset, blocks },
+                    Bytes::from(mask_bytes(&mask)),
+                ));
+                done.after_flush = true;
+            }
+            Err(e) => done.failure = Some(e),
+        },
+        Job::VerifyHashes {
+            offset,
+            blocks,
+            hashes,
+        } => match differing_blocks(&disk, offset, blocks, &hashes).await {
+            Ok(mask) => {
+                for (i, &differs) in mask.iter().enumerate() {
+                    if differs {
+                        let block = offset / 4096 + i as u64;
+                        disk.tracker
+                            .with_bitmap(peer, |b| b.set_range(block..block + 1));
+                    }
+                }
+                done.reply = Some((
+                    Message::VerifyResult { offset, blocks },
+                    Bytes::from(mask_bytes(&mask)),
+                ));
+            }
+            Err(e) => done.failure = Some(e),
+        },
+    }
+    done
+}
+
+async fn apply_write(
+    disk: &LocalDisk,
+    offset: u64,
+    data: &Bytes,
+    fua: bool,
+    missing: u32,
+) -> Result<(), String> {
+    let _pin = disk
+        .tracker
+        .enter(offset, data.len() as u64)
+        .await
+        .map_err(|e| e.to_string())?;
+    if missing != 0 {
+        disk.tracker.mark_many(missing, offset, data.len() as u64);
+    }
+    disk.storage
+        .write(offset, data.clone(), fua)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn apply_zeroes(
+    disk: &LocalDisk,
+    offset: u64,
+    len: u64,
+    may_punch: bool,
+    fua: bool,
+    missing: u32,
+) -> Result<(), String> {
+    let _pin = disk
+        .tracker
+        .enter(offset, len)
+        .await
+        .map_err(|e| e.to_string())?;
+    if missing != 0 {
+        disk.tracker.mark_many(missing, offset, len);
+    }
+    disk.storage
+        .write_zeroes(offset, len, may_punch)
+        .await
+        .map_err(|e| e.to_string())?;
+    if fua {
+        disk.storage.flush().await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Compares the peer's block hashes with the local blocks.
+async fn differing_blocks(
+    disk: &LocalDisk,
+    offset: u64,
+    blocks: u32,
+    hashes: &[u8],
+) -> Result<Vec<bool>, String> {
+    if hashes.len() != blocks as usize * BLOCK_HASH_BYTES {
+        return Err("hash list has the wrong length".into());
+    }
+    let len = (u64::from(blocks) * 4096).min(disk.storage.data_bytes().saturating_sub(offset));
+    let data = disk
+        .storage
+        .read(offset, len as usize)
+        .await
+        .map_err(|e| e.to_string())?;
+    let local = block_hashes(&data);
+    Ok((0..blocks as usize)
+        .map(|i| {
+            local.get(i * BLOCK_HASH_BYTES..(i + 1) * BLOCK_HASH_BYTES)
+                != hashes.get(i * BLOCK_HASH_BYTES..(i + 1) * BLOCK_HASH_BYTES)
+        })
+        .collect())
+}
+
+/// Runs a session until the peer goes away, the link is closed, or the
+/// peer falls silent.
+pub async fn run(
+    stream: TcpStream,
+    leftover: BytesMut,
+    link: Arc<PeerLink>,
+    outbox: mpsc::UnboundedReceiver<Outgoing>,
+    config: SessionConfig,
+    events: mpsc::Sender<PeerEvent>,
+) {
+    let _ = stream.set_nodelay(true);
+    let peer = link.peer;
+    let mut session = Session {
+        stream,
+        rbuf: leftover,
+        out: OutQueue::default(),
+        outbox,
+        link: link.clone(),
+        config,
+        events: events.clone(),
+        last_heard: Instant::now(),
+        ping: tokio::time::interval(Duration::from_millis(100)),
+        ping_id: 0,
+        next_job: 0,
+        ranges: HashMap::new(),
+        all_done: HashMap::new(),
+        unflushed: Vec::new(),
+        flushing: None,
+        unconfirmed: Unconfirmed::default(),
+    };
+    session
+        .ping
+        .set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut jobs = FuturesUnordered::new();
+    let reason = std::future::poll_fn(|cx| session.poll(cx, &mut jobs, run_job)).await;
+    link.close(reason.clone());
+    let unconfirmed = session
+        .unconfirmed
+        .writes
+        .iter()
+        .map(|w| (w.1, w.2))
+        .collect();
+    let _ = events
+        .send(PeerEvent::Closed {
+            peer,
+            reason,
+            unconfirmed,
+        })
+        .await;
+}
+
+type FlushFuture = Pin<Box<dyn Future<Output = io::Result<()>> + Send>>;
+
+struct Session {
+    stream: TcpStream,
+    rbuf: BytesMut,
+    out: OutQueue,
+    outbox: mpsc::UnboundedReceiver<Outgoing>,
+    link: Arc<PeerLink>,
+    config: SessionConfig,
+    events: mpsc::Sender<PeerEvent>,
+    last_heard: Instant,
+    ping: tokio::time::Interval,
+    ping_id: u64,
+    next_job: u64,
+    /// Ranges being written for the peer, with the latch that frees them.
+    ranges: HashMap<u64, (Range<u64>, CancellationToken)>,
+    /// Every job's latch (barriers wait for all earlier jobs).
+    all_done: HashMap<u64, CancellationToken>,
+    /// Replies waiting for the next flush, and blocks to clear then.
+    unflushed: Vec<((Message, Bytes), Vec<Range<u64>>)>,
+    flushing: Option<(FlushFuture, Vec<((Message, Bytes), Vec<Range<u64>>)>)>,
+    unconfirmed: Unconfirmed,
+}
+
+impl Session {
+    fn poll<F, M>(
+        &mut self,
+        cx: &mut Context<'_>,
+        jobs: &mut FuturesUnordered<F>,
+        start: M,
+    ) -> Poll<String>
+    where
+        F: Future<Output = Done>,
+        M: Fn(Option<LocalDisk>, u8, u64, Vec<CancellationToken>, Job) -> F + Copy,
+    {
+        loop {
+            let mut progressed = false;
+            if self.link.is_closed() {
+                return Poll::Ready(self.link.close_reason().unwrap_or_else(|| "closed".into()));
+            }
+            // Keepalive and silence detection.
+            while self.ping.poll_tick(cx).is_ready() {
+                let silent = self.last_heard.elapsed();
+                if silent > self.config.ping_timeout {
+                    return Poll::Ready(format!(
+                        "peer silent for {} ms (ping timeout)",
+                        silent.as_millis()
+                    ));
+                }
+                if silent > self.config.ping_timeout / 4 {
+                    self.ping_id += 1;
+                    if let Err(e) = self
+                        .out
+                        .push(&Message::Ping { id: self.ping_id }, Bytes::new())
+                    {
+                        return Poll::Ready(format!("cannot encode ping: {e}"));
+                    }
+                }
+            }
+            // Frames queued by the node.
+            while let Poll::Ready(Some(outgoing)) = self.outbox.poll_recv(cx) {
+                if let Err(e) = self.out.push(&outgoing.message, outgoing.payload) {
+                    return Poll::Ready(format!("cannot encode {}: {e}", outgoing.message.name()));
+                }
+                progressed = true;
+            }
+            // Finished jobs.
+            while let Poll::Ready(Some(done)) = jobs.poll_next_unpin(cx) {
+                if let Some(reason) = self.finish(done) {
+                    return Poll::Ready(reason);
+                }
+                progressed = true;
+            }
+            // Batched flush for durable replies.
+            if let Some((flush, _)) = self.flushing.as_mut() {
+                if let Poll::Ready(result) = flush.as_mut().poll(cx) {
+                    let Some((_, replies)) = self.flushing.take() else {
+                        continue;
+                    };
+                    if let Err(e) = result {
+                        return Poll::Ready(format!("flush failed on this node's disk: {e}"));
+                    }
+                    for ((message, payload), clear) in replies {
+                        if let Some(disk) = &self.config.disk {
+                            for blocks in clear {
+                                disk.tracker.clear_blocks(self.link.peer, blocks);
+                            }
+                        }
+                        if let Err(e) = self.out.push(&message, payload) {
+                            return Poll::Ready(format!("cannot encode reply: {e}"));
+                        }
+                    }
+                    progressed = true;
+                }
+            }
+            if self.flushing.is_none() && !self.unflushed.is_empty() {
+                if let Some(disk) = &self.config.disk {
+                    let storage = disk.storage.clone();
+                    let replies = std::mem::take(&mut self.unflushed);
+                    self.flushing = Some((Box::pin(async move { storage.flush().await }), replies));
+                    progressed = true;
+                }
+            }
+            // Write out.
+            while self.out.has_remaining() {
+                match poll_write_buf(Pin::new(&mut self.stream), cx, &mut self.out) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready("connection closed while writing".into())
+                    }
+                    Poll::Ready(Ok(_)) => progressed = true,
+                    Poll::Ready(Err(e)) => return Poll::Ready(format!("connection lost: {e}")),
+                    Poll::Pending => break,
+                }
+            }
+            // Read in.
+            if jobs.len() < MAX_SESSION_APPLIES {
+                loop {
+                    match wire::check(&self.rbuf) {
+                        Err(e) => return Poll::Ready(format!("bad frame from peer: {e}")),
+                        Ok(0) => {
+                            let frame = match wire::decode(&mut self.rbuf) {
+                                Ok(frame) => frame,
+                                Err(e) => return Poll::Ready(format!("bad frame from peer: {e}")),
+                            };
+                            self.last_heard = Instant::now();
+                            if let Some(reason) = self.dispatch(frame, jobs, start) {
+                                return Poll::Ready(reason);
+                            }
+                            progressed = true;
+                            if jobs.len() >= MAX_SESSION_APPLIES {
+                                break;
+                            }
+                        }
+                        Ok(needed) => {
+                            self.rbuf.reserve(needed.max(READ_CHUNK_BYTES));
+                            match poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.rbuf) {
+                                Poll::Ready(Ok(0)) => {
+                                    return Poll::Ready("peer closed the connection".into())
+                                }
+                                Poll::Ready(Ok(_)) => {
+                                    progressed = true;
+                                    continue;
+                                }
+                                Poll::Ready(Err(e)) => {
+                                    return Poll::Ready(format!("connection lost: {e}"))
+                                }
+                                Poll::Pending => break,
+                            }
+                        }
+                    }
+                }
+            }
+            if !progressed {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    fn finish(&mut self, done: Done) -> Option<String> {
+        if let Some((_, latch)) = self.ranges.remove(&done.id) {
+            latch.cancel();
+        }
+        if let Some(latch) = self.all_done.remove(&done.id) {
+            latch.cancel();
+        }
+        if let Some(error) = done.failure {
+            if let Some(disk) = &self.config.disk {
+                if !disk.failed.swap(true, AtomicOrdering::Relaxed) {
+                    let _ = self.events.try_send(PeerEvent::DiskFailed {
+                        error: error.clone(),
+                    });
+                }
+            }
+        }
+        if let Some(reply) = done.reply {
+            if done.after_flush {
+                self.unflushed.push((reply, done.clear));
+            } else if let Err(e) = self.out.push(&reply.0, reply.1) {
+                return Some(format!("cannot encode reply: {e}"));
+            }
+        }
+        None
+    }
+
+    fn start_job<F, M>(
+        &mut self,
+        jobs: &mut FuturesUnordered<F>,
+        start: M,
+        range: Option<Range<u64>>,
+        job: Job,
+    ) where
+        F: Future<Output = Done>,
+        M: Fn(Option<LocalDisk>, u8, u64, Vec<CancellationToken>, Job) -> F,
+    {
+        let id = self.next_job;
+        self.next_job += 1;
+        let waits: Vec<CancellationToken> = match (&job, &range) {
+            (Job::Barrier { .. }, _) => self.all_done.values().cloned().collect(),
+            (_, Some(range)) => self
+                .ranges
+                .values()
+                .filter(|(other, _)| other.start < range.end && range.start < other.end)
+                .map(|(_, latch)| latch.clone())
+                .collect(),
+            _ => Vec::new(),
+        };
+        let latch = CancellationToken::new();
+        if let Some(range) = range {
+            self.ranges.insert(id, (range, latch.clone()));
+        }
+        self.all_done.insert(id, latch);
+        jobs.push(start(
+            self.config.disk.clone(),
+            self.link.peer,
+            id,
+            waits,
+            job,
+        ));
+    }
+
+    fn dispatch<F, M>(
+        &mut self,
+        frame: Frame,
+        jobs: &mut FuturesUnordered<F>,
+        start: M,
+    ) -> Option<String>
+    where
+        F: Future<Output = Done>,
+        M: Fn(Option<LocalDisk>, u8, u64, Vec<CancellationToken>, Job) -> F,
+    {
+        let me_bit = 1u32 << self.config.me;
+        let peer_bit = 1u32 << self.link.peer;
+        let missing_of =
+            |sent_to: u32, data_nodes: u32| data_nodes & !sent_to & !me_bit & !peer_bit;
+        let data_nodes = self.config.disk.as_ref().map_or(0, |d| d.data_nodes);
+        let ack_on_receipt = self.config.protocol != Protocol::C;
+        match frame.message {
+            Message::Ping { id } => {
+                if let Err(e) = self.out.push(&Message::Pong { id }, Bytes::new()) {
+                    return Some(format!("cannot encode pong: {e}"));
+                }
+            }
+            Message::Pong { .. } => {}
+            Message::WriteAck { seq, ok } => self.link.acked(seq, ok),
+            Message::BarrierAck { epoch, ok } => self.link.barrier_acked(epoch, ok),
+            Message::Write {
+                seq,
+                offset,
+                fua,
+                sent_to,
+                complete_below,
+                ..
+            } => {
+                let len = frame.payload.len() as u64;
+                if self.config.disk.is_none() {
+                    return Some("peer sent data to a diskless node".into());
+                }
+                self.unconfirmed
+                    .push(seq, offset, len, complete_below, self.config.disk.as_ref());
+                if ack_on_receipt {
+                    if let Err(e) = self
+                        .out
+                        .push(&Message::WriteAck { seq, ok: true }, Bytes::new())
+                    {
+                        return Some(format!("cannot encode ack: {e}"));
+                    }
+                }
+                let job = Job::Write {
+                    seq,
+                    offset,
+                    data: frame.payload,
+                    fua,
+                    missing: missing_of(sent_to, data_nodes),
+                    ack_after: !ack_on_receipt,
+                };
+                self.start_job(jobs, start, Some(offset..offset + len.max(1)), job);
+            }
+            Message::Zeroes {
+                seq,
+                offset,
+                len,
+                may_punch,
+                fua,
+                sent_to,
+                complete_below,
+                ..
+            } => {
+                if self.config.disk.is_none() {
+                    return Some("peer sent data to a diskless node".into());
+                }
+                self.unconfirmed
+                    .push(seq, offset, len, complete_below, self.config.disk.as_ref());
+                if ack_on_receipt {
+                    if let Err(e) = self
+                        .out
+                        .push(&Message::WriteAck { seq, ok: true }, Bytes::new())
+                    {
+                        return Some(format!("cannot encode ack: {e}"));
+                    }
+                }
+                let job = Job::Zeroes {
+                    seq,
+                    offset,
+                    len,
+                    may_punch,
+                    fua,
+                    missing: missing_of(sent_to, data_nodes),
+                    ack_after: !ack_on_receipt,
+                };
+                self.start_job(jobs, start, Some(offset..offset + len.max(1)), job);
+            }
+            Message::Barrier { epoch } => self.start_job(jobs, start, None, Job::Barrier { epoch }),
+            Message::SyncData { offset } => {
+                let len = frame.payload.len() as u64;
+                let job = Job::SyncData {
+                    offset,
+                    data: frame.payload,
+                };
+                self.start_job(jobs, start, Some(offset..offset + len.max(1)), job);
+            }
+            Message::SyncZeroes { offset, len } => {
+                self.start_job(
+                    jobs,
+                    start,
+                    Some(offset..offset + len.max(1)),
+                    Job::SyncZeroes { offset, len },
+                );
+            }
+            Message::SyncHashes { offset, blocks } => {
+                let range = offset..offset + u64::from(blocks) * 4096;
+                let job = Job::SyncHashes {
+                    offset,
+                    blocks,
+                    hashes: frame.payload,
+                };
+                self.start_job(jobs, start, Some(range), job);
+            }
+            Message::VerifyHashes { offset, blocks } => {
+                let range = offset..offset + u64::from(blocks) * 4096;
+                let job = Job::VerifyHashes {
+                    offset,
+                    blocks,
+                    hashes: frame.payload,
+                };
+                self.start_job(jobs, start, Some(range), job);
+            }
+            Message::SyncAck { .. } | Message::SyncNeed { .. } | Message::VerifyResult { .. } => {
+                if !self.link.route_sync_reply(frame) {
+                    tracing::debug!(peer = %self.link.name, "sync reply with no driver (resync ended)");
+                }
+            }
+            Message::Hello { .. } | Message::Auth { .. } => {
+                return Some("peer repeated its handshake mid-session".into());
+            }
+            message => {
+                let peer = self.link.peer;
+                let frame = Frame {
+                    message,
+                    payload: frame.payload,
+                };
+                if self
+                    .events
+                    .try_send(PeerEvent::Frame { peer, frame })
+                    .is_err()
+                {
+                    return Some("cluster core is not keeping up with this peer's messages".into());
+                }
+            }
+        }
+        None
+    }
+}
+
+/// Checks a resync/verify mask reply.
+pub fn decode_mask(frame: &Frame, blocks: u32) -> Result<Vec<bool>, wire::WireError> {
+    mask_from_bytes(&frame.payload, blocks as usize)
+}
