@@ -283,10 +283,99 @@ pub fn events(target: &Target, json: bool, now: bool) -> ExitCode {
     }
 }
 
-/// A command whose feature is not built yet.
-pub fn not_yet_supported(command: &str) -> ExitCode {
-    eprintln!("hablk: `{command}` is not yet supported by this version of hablk");
-    ExitCode::Failed
+/// How often `wait-sync` looks at the daemon's status.
+const WAIT_SYNC_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// `wait-sync [--timeout DUR]`: until this node and every data node it sees
+/// are UpToDate; exit 3 at once on StandAlone or split-brain, 1 on timeout.
+pub fn wait_sync(target: &Target, timeout: Option<std::time::Duration>) -> ExitCode {
+    use std::io::IsTerminal;
+    let (config, node) = match target.load() {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    let Ok(me) = config.node(&node) else {
+        return ExitCode::Usage;
+    };
+    let socket = me.control.clone();
+    let deadline = timeout.map(|t| std::time::Instant::now() + t);
+    let bar = std::io::stdout().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(1000);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {percent}% eta {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    loop {
+        let status = match ControlClient::connect(&socket, &node)
+            .and_then(|c| c.request(&Request::Status))
+        {
+            Ok(Response {
+                status: Some(status),
+                ..
+            }) => status,
+            Ok(response) => return finish(&response),
+            Err(e) => return report(&e),
+        };
+        let data_peer = |name: &str| config.node(name).map(|n| n.is_data()).unwrap_or(false);
+        if let Some(peer) = status.peers.iter().find(|p| {
+            p.split_brain || p.connection == crate::cluster::state::ConnectionState::StandAlone
+        }) {
+            if let Some(bar) = &bar {
+                bar.abandon();
+            }
+            let why = if peer.split_brain {
+                "split-brain"
+            } else {
+                "StandAlone"
+            };
+            eprintln!(
+                "refused: {} is {why} with {}; resolve it before waiting for a sync",
+                status.node, peer.node
+            );
+            return ExitCode::Refused;
+        }
+        let mine_ok = matches!(
+            status.disk,
+            crate::cluster::state::DiskState::UpToDate | crate::cluster::state::DiskState::Diskless
+        );
+        let syncing: Vec<_> = status.peers.iter().filter(|p| p.sync.active).collect();
+        let peers_ok = status
+            .peers
+            .iter()
+            .filter(|p| {
+                data_peer(&p.node)
+                    && p.connection == crate::cluster::state::ConnectionState::Connected
+            })
+            .all(|p| p.peer_disk == crate::cluster::state::DiskState::UpToDate);
+        if mine_ok && peers_ok && syncing.is_empty() {
+            if let Some(bar) = &bar {
+                bar.finish_with_message("in sync");
+            }
+            println!(
+                "{}: {} and every data node it sees are UpToDate",
+                status.resource, status.node
+            );
+            return ExitCode::Done;
+        }
+        if let Some(bar) = &bar {
+            let percent = syncing.iter().map(|p| p.sync.percent).fold(100.0, f64::min);
+            bar.set_position((percent * 10.0) as u64);
+            bar.set_message(format!("{} resync", status.resource));
+        }
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            if let Some(bar) = &bar {
+                bar.abandon();
+            }
+            eprintln!(
+                "hablk: timed out waiting for {} to be in sync (disk {})",
+                status.resource, status.disk
+            );
+            return ExitCode::Failed;
+        }
+        std::thread::sleep(WAIT_SYNC_POLL);
+    }
 }
 
 /// The config path when none is given: `$HABLK_CONFIG` is applied by the

@@ -12,15 +12,27 @@ use thiserror::Error;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicBool;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
 use crate::cluster::core::{Core, CoreParts};
 use crate::config::{Config, ConfigError, NodeKind};
 use crate::control::protocol::Response;
 use crate::control::server::{ControlError, ControlServer, CoreReply, CONTROL_QUEUE};
+use crate::meta::tracker::Tracker;
 use crate::meta::{MetaError, MetaStore};
 use crate::nbd::server::Listener;
 use crate::nbd::{Clients, ExportPolicy, NbdServer};
+use crate::replication::connector::{self, Wanted};
+use crate::replication::handshake::Identity;
 use crate::storage::{Storage, StorageError};
-use crate::volume::{ExportInfo, Gate, Refusal, Volume};
+use crate::volume::{ExportInfo, Gate, Refusal, Volume, VolumeParts};
+
+/// Handshaken connections waiting for the core.
+const ESTABLISHED_QUEUE: usize = 16;
 
 /// Linux's `PR_SET_IO_FLUSHER` (5.6+): the kernel does not throttle this
 /// process's allocations on the writeback it is itself needed to finish.
@@ -41,6 +53,11 @@ pub enum DaemonError {
     #[error("cannot listen for NBD clients on {listen}: {source}")]
     NbdListen {
         listen: String,
+        source: std::io::Error,
+    },
+    #[error("cannot listen for peers on {address}: {source}")]
+    PeerListen {
+        address: std::net::SocketAddr,
         source: std::io::Error,
     },
 }
@@ -96,27 +113,37 @@ pub async fn up(config: Config, node_name: &str) -> Result<(), DaemonError> {
         let control = ControlServer::bind(&me.control).await?;
         let clients = Arc::new(Clients::default());
         let mut tasks = Vec::new();
-        let volume = match &me.kind {
+        let disk_failed = Arc::new(AtomicBool::new(false));
+        let (volume, tracker) = match &me.kind {
             NodeKind::Data { disk, nbd } => {
-                let layout = meta.superblock().layout;
-                let storage = Storage::open(
+                let superblock = meta.superblock().clone();
+                let storage = Arc::new(Storage::open(
                     disk,
                     config.resource.io,
                     config.resource.direct,
-                    layout.data_capacity_bytes,
-                )?;
+                    superblock.layout.data_capacity_bytes,
+                )?);
+                let tracker = Tracker::open(meta.path().to_owned(), &superblock)?;
                 let gate = Gate::Closed {
                     refusal: Refusal::NotPrimary,
                     reason: "starting".into(),
                 };
-                let volume = Arc::new(Volume::new(config.resource.name.clone(), storage, gate));
-                let listener =
-                    Listener::bind(nbd)
-                        .await
-                        .map_err(|source| DaemonError::NbdListen {
-                            listen: nbd.to_string(),
-                            source,
-                        })?;
+                let data_nodes = config.data_nodes().fold(0u32, |mask, node| mask | (1 << node.id));
+                let volume = Arc::new(Volume::new(
+                    VolumeParts {
+                        resource: config.resource.name.clone(),
+                        me: me.id,
+                        protocol: config.resource.protocol,
+                        data_nodes,
+                        storage,
+                        tracker: tracker.clone(),
+                    },
+                    gate,
+                ));
+                let listener = Listener::bind(nbd).await.map_err(|source| DaemonError::NbdListen {
+                    listen: nbd.to_string(),
+                    source,
+                })?;
                 let policy = Arc::new(NodeExport {
                     name: config.resource.name.clone(),
                     node: me.name.clone(),
@@ -125,25 +152,62 @@ pub async fn up(config: Config, node_name: &str) -> Result<(), DaemonError> {
                 let server = NbdServer::new(volume.clone(), policy, clients.clone());
                 tasks.push(tokio::spawn(server.run(listener).in_current_span()));
                 tracing::info!(listen = %nbd, disk = %disk.display(), "serving NBD");
-                Some(volume)
+                (Some(volume), Some(tracker))
             }
-            NodeKind::Witness => None,
+            NodeKind::Witness => (None, None),
         };
+        let (established_tx, established) = mpsc::channel(ESTABLISHED_QUEUE);
+        let mut wanted = BTreeMap::new();
+        let mut wanted_by_listener = BTreeMap::new();
+        let identity = Identity::of(&config, me.id);
+        for peer in config.peers_of(&me) {
+            let (tx, rx) = watch::channel(Wanted::Connect);
+            wanted_by_listener.insert(peer.id, rx.clone());
+            if peer.id > me.id {
+                if let Some(identity) = identity.clone() {
+                    tasks.push(tokio::spawn(
+                        connector::dial(peer.id, config.clone(), identity, rx, established_tx.clone())
+                            .in_current_span(),
+                    ));
+                }
+            }
+            wanted.insert(peer.id, tx);
+        }
+        if config.nodes.len() > 1 {
+            let listener = TcpListener::bind(me.address)
+                .await
+                .map_err(|source| DaemonError::PeerListen { address: me.address, source })?;
+            if let Some(identity) = identity {
+                tasks.push(tokio::spawn(
+                    connector::listen(listener, config.clone(), identity, wanted_by_listener, established_tx)
+                        .in_current_span(),
+                ));
+            }
+        }
         let (calls_tx, calls) = mpsc::channel(CONTROL_QUEUE);
         let control_path = control.path().to_owned();
         tasks.push(tokio::spawn(control.run(calls_tx).in_current_span()));
-        tracing::info!(control = %control_path.display(), "daemon up");
+        tracing::info!(control = %control_path.display(), address = %me.address, "daemon up");
         let core = Core::new(CoreParts {
             config: config.clone(),
             me: me.clone(),
             meta,
             volume,
+            tracker: tracker.clone(),
             clients,
             calls,
+            established,
+            wanted,
+            disk_failed,
         });
         let stopped = core.run().await;
         for task in &tasks {
             task.abort();
+        }
+        if let Some(tracker) = &tracker {
+            if let Err(e) = tracker.close().await {
+                tracing::error!(error = %e, "cannot close the activity log cleanly; the next start resyncs its extents");
+            }
         }
         let _ = std::fs::remove_file(&control_path);
         if let NodeKind::Data {

@@ -113,12 +113,23 @@ fn main() -> ExitCode {
         }
         Command::Status { json } => commands::status(&target, json),
         Command::Events { json, now } => commands::events(&target, json, now),
-        Command::Connect { .. } => commands::not_yet_supported("connect"),
-        Command::Disconnect { .. } => commands::not_yet_supported("disconnect"),
-        Command::Verify { .. } => commands::not_yet_supported("verify"),
-        Command::Invalidate => commands::not_yet_supported("invalidate"),
-        Command::WaitSync { .. } => commands::not_yet_supported("wait-sync"),
-        Command::SkipInitialSync => commands::not_yet_supported("skip-initial-sync"),
+        Command::Connect {
+            peer,
+            discard_my_data,
+        } => commands::role_command(
+            &target,
+            Request::Connect {
+                peer,
+                discard_my_data,
+            },
+        ),
+        Command::Disconnect { peer } => {
+            commands::role_command(&target, Request::Disconnect { peer })
+        }
+        Command::Verify { peer } => commands::role_command(&target, Request::Verify { peer }),
+        Command::Invalidate => commands::role_command(&target, Request::Invalidate),
+        Command::WaitSync { timeout } => commands::wait_sync(&target, timeout.map(Into::into)),
+        Command::SkipInitialSync => commands::role_command(&target, Request::SkipInitialSync),
     };
     ExitCode::from(u8::from(code))
 }

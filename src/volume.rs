@@ -1,14 +1,21 @@
-//! The volume: where a client request meets the cluster's verdict.
+//! The volume: the write path, where a client request meets the cluster's
+//! verdict and fans out to the local disk and the peers.
 //!
 //! Every NBD request goes through here. The volume first reads the gate —
 //! the cluster core's current verdict on whether this node may serve I/O
-//! (it is Primary, its generation is recorded, it has quorum) — and only
-//! then touches the storage. The cluster core is the only writer of the
-//! gate; the I/O path only reads it, a lock-free load per request.
+//! (it is Primary, its generation is recorded, it has quorum). The core is
+//! the only writer of the gate; the I/O path only reads it.
 //!
-//! A write is acknowledged (the returned future resolves `Ok`) once it is
-//! durable as far as the replication protocol requires; FUA and FLUSH add
-//! an fdatasync on top.
+//! **Where a write is acknowledged** ([`Volume::write`]): the extents enter
+//! the activity log; the write registers with the [`Ordering`] (sequence
+//! number; waits for overlapping earlier writes); bits are set toward every
+//! data peer it will not reach; then, in parallel, the local disk write and
+//! one frame per replicating peer. Under protocol C the write is done when
+//! the local write and every peer's acknowledgement are in (B: peers have
+//! it in memory; A: it was queued). A peer that fails or vanishes gets its
+//! bit set instead. Finally the gate must not be holding (a new generation
+//! being recorded after a peer loss): only then does the client hear
+//! "done".
 
 use std::io;
 use std::sync::Arc;
@@ -16,8 +23,20 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use thiserror::Error;
+use tokio::sync::watch;
 
+use crate::config::Protocol;
+use crate::meta::activity_log::AL_EXTENT_BYTES;
+use crate::meta::tracker::Tracker;
+use crate::meta::MetaError;
+use crate::replication::link::{AckReceiver, PeerLink};
+use crate::replication::ordering::Ordering;
+use crate::replication::wire::Message;
 use crate::storage::Storage;
+
+/// TRIM and WRITE_ZEROES are split into pieces of at most this many bytes,
+/// so one request never pins more of the activity log than this.
+pub const MAX_ZEROES_PIECE_BYTES: u64 = 16 * AL_EXTENT_BYTES;
 
 /// Why the gate refuses I/O, mapped to the NBD error a client sees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +54,9 @@ pub enum Refusal {
 pub enum Gate {
     /// Serve I/O on an export of this size.
     Open { size_bytes: u64 },
+    /// Hold I/O (and acknowledgements) until the verdict changes: a new
+    /// generation is being recorded, or I/O is suspended.
+    Held { size_bytes: u64, reason: String },
     /// Refuse I/O; `reason` is shown to NBD clients at `OPT_GO`.
     Closed { refusal: Refusal, reason: String },
 }
@@ -48,6 +70,8 @@ pub enum VolumeError {
     FastZeroUnsupported,
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
+    #[error("metadata: {0}")]
+    Meta(#[from] MetaError),
 }
 
 /// What an NBD client needs to know to use the export.
@@ -63,16 +87,50 @@ pub struct ExportInfo {
 #[derive(Debug)]
 pub struct Volume {
     resource: String,
-    storage: Storage,
-    gate: ArcSwap<Gate>,
+    me: u8,
+    protocol: Protocol,
+    /// Every data node id (bit per id).
+    data_nodes: u32,
+    storage: Arc<Storage>,
+    tracker: Arc<Tracker>,
+    ordering: Arc<Ordering>,
+    /// Peers that receive every write (Established or SyncTarget).
+    targets: ArcSwap<Vec<Arc<PeerLink>>>,
+    /// Whether every peer that gets our writes can zero fast too.
+    peers_zero_fast: std::sync::atomic::AtomicBool,
+    gate: watch::Sender<Gate>,
+}
+
+/// The pieces a volume is made of.
+#[derive(Debug)]
+pub struct VolumeParts {
+    pub resource: String,
+    pub me: u8,
+    pub protocol: Protocol,
+    pub data_nodes: u32,
+    pub storage: Arc<Storage>,
+    pub tracker: Arc<Tracker>,
+}
+
+/// Acknowledgements owed by peers for one replicated request.
+struct Fanout {
+    sent_to: u32,
+    acks: Vec<(u8, AckReceiver)>,
 }
 
 impl Volume {
-    pub fn new(resource: String, storage: Storage, gate: Gate) -> Volume {
+    pub fn new(parts: VolumeParts, gate: Gate) -> Volume {
         Volume {
-            resource,
-            storage,
-            gate: ArcSwap::from_pointee(gate),
+            resource: parts.resource,
+            me: parts.me,
+            protocol: parts.protocol,
+            data_nodes: parts.data_nodes,
+            storage: parts.storage,
+            tracker: parts.tracker,
+            ordering: Arc::new(Ordering::new()),
+            targets: ArcSwap::from_pointee(Vec::new()),
+            peers_zero_fast: std::sync::atomic::AtomicBool::new(true),
+            gate: watch::Sender::new(gate),
         }
     }
 
@@ -80,56 +138,219 @@ impl Volume {
         &self.resource
     }
 
-    /// Only the cluster core calls this.
-    pub fn set_gate(&self, gate: Gate) {
-        self.gate.store(Arc::new(gate));
+    pub fn storage(&self) -> &Arc<Storage> {
+        &self.storage
     }
 
-    pub fn gate(&self) -> Arc<Gate> {
-        self.gate.load_full()
+    pub fn tracker(&self) -> &Arc<Tracker> {
+        &self.tracker
+    }
+
+    pub fn ordering(&self) -> &Arc<Ordering> {
+        &self.ordering
+    }
+
+    /// Only the cluster core calls this.
+    pub fn set_gate(&self, gate: Gate) {
+        self.gate.send_replace(gate);
+    }
+
+    pub fn gate(&self) -> Gate {
+        self.gate.borrow().clone()
+    }
+
+    /// Only the cluster core calls this: the peers that get every write
+    /// from now on.
+    pub fn set_targets(&self, targets: Vec<Arc<PeerLink>>, peers_zero_fast: bool) {
+        self.targets.store(Arc::new(targets));
+        self.peers_zero_fast
+            .store(peers_zero_fast, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn fast_zero(&self) -> bool {
+        self.storage.can_zero_fast()
+            && self
+                .peers_zero_fast
+                .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether a client may attach now, and to what.
     pub fn export(&self) -> Result<ExportInfo, String> {
-        match &**self.gate.load() {
-            Gate::Open { size_bytes } => Ok(ExportInfo {
+        match &*self.gate.borrow() {
+            Gate::Open { size_bytes } | Gate::Held { size_bytes, .. } => Ok(ExportInfo {
                 size_bytes: *size_bytes,
-                fast_zero: self.storage.can_zero_fast(),
+                fast_zero: self.fast_zero(),
                 direct: self.storage.direct(),
             }),
             Gate::Closed { reason, .. } => Err(reason.clone()),
         }
     }
 
-    fn admit(&self) -> Result<(), VolumeError> {
-        match &**self.gate.load() {
-            Gate::Open { .. } => Ok(()),
-            Gate::Closed { refusal, reason } => Err(VolumeError::Refused {
-                refusal: *refusal,
-                reason: reason.clone(),
-            }),
+    /// Waits while the gate holds I/O; fails if it is closed.
+    async fn admit(&self) -> Result<(), VolumeError> {
+        if matches!(*self.gate.borrow(), Gate::Open { .. }) {
+            return Ok(());
+        }
+        let mut gate = self.gate.subscribe();
+        loop {
+            match &*gate.borrow_and_update() {
+                Gate::Open { .. } => return Ok(()),
+                Gate::Closed { refusal, reason } => {
+                    return Err(VolumeError::Refused {
+                        refusal: *refusal,
+                        reason: reason.clone(),
+                    })
+                }
+                Gate::Held { .. } => {}
+            }
+            if gate.changed().await.is_err() {
+                return Err(VolumeError::Refused {
+                    refusal: Refusal::ShuttingDown,
+                    reason: "the volume is gone".into(),
+                });
+            }
         }
     }
 
+    /// Before acknowledging a write: wait while the gate holds (a new
+    /// generation is being recorded); fail if quorum was lost meanwhile.
+    /// A demotion does not fail writes already in flight.
+    async fn settle(&self) -> Result<(), VolumeError> {
+        if matches!(*self.gate.borrow(), Gate::Open { .. }) {
+            return Ok(());
+        }
+        let mut gate = self.gate.subscribe();
+        loop {
+            match &*gate.borrow_and_update() {
+                Gate::Held { .. } => {}
+                Gate::Closed {
+                    refusal: Refusal::NoQuorum,
+                    reason,
+                } => {
+                    return Err(VolumeError::Refused {
+                        refusal: Refusal::NoQuorum,
+                        reason: reason.clone(),
+                    })
+                }
+                _ => return Ok(()),
+            }
+            if gate.changed().await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Sends one replicated request to every target; marks the data nodes
+    /// it will not reach before anything is issued.
+    fn fan_out(
+        &self,
+        offset: u64,
+        len: u64,
+        message: impl Fn(u32) -> Message,
+        payload: &Bytes,
+        seq: u64,
+    ) -> Fanout {
+        let targets = self.targets.load();
+        let mut sent_to = 1u32 << self.me;
+        for link in targets.iter() {
+            if !link.is_closed() {
+                sent_to |= 1 << link.peer;
+            }
+        }
+        let message = message(sent_to);
+        let mut acks = Vec::with_capacity(targets.len());
+        let mut reached = 1u32 << self.me;
+        for link in targets.iter() {
+            if sent_to & (1 << link.peer) == 0 {
+                continue;
+            }
+            if let Some(ack) = link.replicate(seq, message.clone(), payload.clone()) {
+                acks.push((link.peer, ack));
+                reached |= 1 << link.peer;
+            }
+        }
+        let missed = self.data_nodes & !reached;
+        if missed != 0 {
+            self.tracker.mark_many(missed, offset, len);
+        }
+        Fanout {
+            sent_to: reached,
+            acks,
+        }
+    }
+
+    /// Waits for the peers as the protocol requires; a peer that failed
+    /// gets the range marked out of sync instead.
+    async fn collect(&self, fanout: Fanout, offset: u64, len: u64) {
+        if self.protocol == Protocol::A {
+            return;
+        }
+        for (peer, ack) in fanout.acks {
+            if !matches!(ack.await, Ok(true)) {
+                self.tracker.mark(peer, offset, len);
+            }
+        }
+        debug_assert!(fanout.sent_to & (1 << self.me) != 0);
+    }
+
     pub async fn read(&self, offset: u64, len: u32) -> Result<BytesMut, VolumeError> {
-        self.admit()?;
+        self.admit().await?;
         Ok(self.storage.read(offset, len as usize).await?)
     }
 
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), VolumeError> {
-        self.admit()?;
-        Ok(self.storage.write(offset, data, fua).await?)
+        self.admit().await?;
+        let len = data.len() as u64;
+        let _pin = self.tracker.enter(offset, len).await?;
+        let mut ticket = self.ordering.register(offset, len, true);
+        ticket.wait_turn().await;
+        let (seq, epoch, complete_below) = (ticket.seq, ticket.epoch, ticket.complete_below);
+        let fanout = self.fan_out(
+            offset,
+            len,
+            |sent_to| Message::Write {
+                seq,
+                epoch,
+                offset,
+                fua,
+                sent_to,
+                complete_below,
+            },
+            &data,
+            seq,
+        );
+        let local = self.storage.write(offset, data, fua);
+        let (local, ()) = tokio::join!(local, self.collect(fanout, offset, len));
+        local?;
+        self.settle().await?;
+        drop(ticket);
+        Ok(())
     }
 
+    /// Makes every acknowledged write durable here and on every peer.
     pub async fn flush(&self) -> Result<(), VolumeError> {
-        self.admit()?;
-        Ok(self.storage.flush().await?)
+        self.admit().await?;
+        let epoch = self.ordering.next_epoch();
+        let barriers: Vec<(u8, AckReceiver)> = self
+            .targets
+            .load()
+            .iter()
+            .filter_map(|link| link.barrier(epoch).map(|ack| (link.peer, ack)))
+            .collect();
+        self.storage.flush().await?;
+        for (peer, ack) in barriers {
+            if !matches!(ack.await, Ok(true)) {
+                tracing::warn!(
+                    peer,
+                    "peer could not confirm a flush; it resyncs on reconnect"
+                );
+            }
+        }
+        self.settle().await
     }
 
     pub async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), VolumeError> {
-        self.admit()?;
-        self.storage.trim(offset, u64::from(len)).await?;
-        self.flush_if(fua).await
+        self.zeroes(offset, u64::from(len), true, false, fua).await
     }
 
     pub async fn write_zeroes(
@@ -140,38 +361,75 @@ impl Volume {
         fast_only: bool,
         fua: bool,
     ) -> Result<(), VolumeError> {
-        self.admit()?;
-        if fast_only {
-            if !self.storage.can_zero_fast() {
-                return Err(VolumeError::FastZeroUnsupported);
-            }
-            self.storage
-                .write_zeroes_fast(offset, u64::from(len), may_punch)
-                .await?;
-        } else {
-            self.storage
-                .write_zeroes(offset, u64::from(len), may_punch)
-                .await?;
+        if fast_only && !self.fast_zero() {
+            self.admit().await?;
+            return Err(VolumeError::FastZeroUnsupported);
         }
-        self.flush_if(fua).await
+        self.zeroes(offset, u64::from(len), may_punch, fast_only, fua)
+            .await
     }
 
-    async fn flush_if(&self, fua: bool) -> Result<(), VolumeError> {
+    /// TRIM and WRITE_ZEROES, replicated as such (never as data), in
+    /// pieces that each pin a bounded part of the activity log.
+    async fn zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_punch: bool,
+        fast_only: bool,
+        fua: bool,
+    ) -> Result<(), VolumeError> {
+        self.admit().await?;
+        let end = offset + len;
+        let mut at = offset;
+        while at < end {
+            let piece = (end - at).min(MAX_ZEROES_PIECE_BYTES - at % MAX_ZEROES_PIECE_BYTES);
+            let _pin = self.tracker.enter(at, piece).await?;
+            let mut ticket = self.ordering.register(at, piece, true);
+            ticket.wait_turn().await;
+            let (seq, epoch, complete_below) = (ticket.seq, ticket.epoch, ticket.complete_below);
+            let fanout = self.fan_out(
+                at,
+                piece,
+                |sent_to| Message::Zeroes {
+                    seq,
+                    epoch,
+                    offset: at,
+                    len: piece,
+                    may_punch,
+                    fua,
+                    sent_to,
+                    complete_below,
+                },
+                &Bytes::new(),
+                seq,
+            );
+            let local = async {
+                if fast_only {
+                    self.storage.write_zeroes_fast(at, piece, may_punch).await
+                } else {
+                    self.storage.write_zeroes(at, piece, may_punch).await
+                }
+            };
+            let (local, ()) = tokio::join!(local, self.collect(fanout, at, piece));
+            local?;
+            at += piece;
+        }
         if fua {
             self.storage.flush().await?;
         }
-        Ok(())
+        self.settle().await
     }
 
     /// CACHE: a read-ahead hint.
-    pub fn cache(&self, offset: u64, len: u32) -> Result<(), VolumeError> {
-        self.admit()?;
+    pub async fn cache(&self, offset: u64, len: u32) -> Result<(), VolumeError> {
+        self.admit().await?;
         Ok(self.storage.prefetch(offset, u64::from(len))?)
     }
 
     /// Allocation map for BLOCK_STATUS: runs of (length, is_hole).
-    pub fn allocation(&self, offset: u64, len: u32) -> Result<Vec<(u64, bool)>, VolumeError> {
-        self.admit()?;
+    pub async fn allocation(&self, offset: u64, len: u32) -> Result<Vec<(u64, bool)>, VolumeError> {
+        self.admit().await?;
         Ok(self.storage.allocation(offset, u64::from(len))?)
     }
 

@@ -59,7 +59,7 @@ fn commands_without_a_daemon() {
     assert_eq!(code, 0, "down with no daemon is done");
     let (code, _, stderr) = cluster.cmd("alpha", &["verify"]);
     assert_eq!(code, 1);
-    assert!(stderr.contains("not yet supported"), "{stderr}");
+    assert!(stderr.contains("not running"), "{stderr}");
 }
 
 #[test]

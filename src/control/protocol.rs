@@ -44,10 +44,31 @@ impl TryFrom<u8> for ExitCode {
 #[serde(tag = "command", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
     Status,
-    Events { now: bool },
-    Primary { force: bool, override_quorum: bool },
-    Secondary { force: bool },
-    Down { force: bool },
+    Events {
+        now: bool,
+    },
+    Primary {
+        force: bool,
+        override_quorum: bool,
+    },
+    Secondary {
+        force: bool,
+    },
+    Down {
+        force: bool,
+    },
+    Connect {
+        peer: Option<String>,
+        discard_my_data: bool,
+    },
+    Disconnect {
+        peer: Option<String>,
+    },
+    Verify {
+        peer: Option<String>,
+    },
+    Invalidate,
+    SkipInitialSync,
 }
 
 impl Request {
@@ -59,6 +80,11 @@ impl Request {
             Request::Primary { .. } => "primary",
             Request::Secondary { .. } => "secondary",
             Request::Down { .. } => "down",
+            Request::Connect { .. } => "connect",
+            Request::Disconnect { .. } => "disconnect",
+            Request::Verify { .. } => "verify",
+            Request::Invalidate => "invalidate",
+            Request::SkipInitialSync => "skip-initial-sync",
         }
     }
 }
@@ -171,6 +197,14 @@ mod tests {
             },
             Request::Secondary { force: false },
             Request::Down { force: true },
+            Request::Connect {
+                peer: Some("beta".into()),
+                discard_my_data: true,
+            },
+            Request::Disconnect { peer: None },
+            Request::Verify { peer: None },
+            Request::Invalidate,
+            Request::SkipInitialSync,
         ] {
             let line = serde_json::to_string(&request).unwrap();
             assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), request);

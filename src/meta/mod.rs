@@ -278,7 +278,10 @@ impl MetaStore {
             layout,
             data_size_bytes: 0,
             disk: StoredDisk::Inconsistent,
-            flags: SuperblockFlags::default(),
+            flags: SuperblockFlags {
+                primary_crashed: false,
+                needs_full_sync: node.is_data(),
+            },
             lineage: Lineage::initial(),
             known: Generation::INITIAL,
             peer_slots,

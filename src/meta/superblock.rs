@@ -64,9 +64,14 @@ pub struct SuperblockFlags {
     /// with it set crashed while Primary, and its activity log extents are
     /// suspect toward every peer.
     pub primary_crashed: bool,
+    /// The data was never synced (fresh `create-md`) or was invalidated: a
+    /// resync toward this node must compare everything.
+    pub needs_full_sync: bool,
 }
 
 const FLAG_PRIMARY_CRASHED: u32 = 1;
+const FLAG_NEEDS_FULL_SYNC: u32 = 2;
+const KNOWN_FLAGS: u32 = FLAG_PRIMARY_CRASHED | FLAG_NEEDS_FULL_SYNC;
 
 /// The decoded superblock.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -212,11 +217,14 @@ impl Superblock {
             StoredDisk::Outdated => 1,
             StoredDisk::UpToDate => 2,
         });
-        w.u32(if self.flags.primary_crashed {
-            FLAG_PRIMARY_CRASHED
-        } else {
-            0
-        });
+        let mut flags = 0;
+        if self.flags.primary_crashed {
+            flags |= FLAG_PRIMARY_CRASHED;
+        }
+        if self.flags.needs_full_sync {
+            flags |= FLAG_NEEDS_FULL_SYNC;
+        }
+        w.u32(flags);
         w.u64(self.lineage.current.0);
         debug_assert!(self.lineage.history.len() <= MAX_GENERATION_HISTORY);
         w.u16(self.lineage.history.len() as u16);
@@ -289,11 +297,12 @@ impl Superblock {
             _ => return Err(DecodeError::BadField("disk state")),
         };
         let flag_bits = r.u32()?;
-        if flag_bits & !FLAG_PRIMARY_CRASHED != 0 {
+        if flag_bits & !KNOWN_FLAGS != 0 {
             return Err(DecodeError::BadField("flags"));
         }
         let flags = SuperblockFlags {
             primary_crashed: flag_bits & FLAG_PRIMARY_CRASHED != 0,
+            needs_full_sync: flag_bits & FLAG_NEEDS_FULL_SYNC != 0,
         };
         let current = Generation(r.u64()?);
         let history_len = usize::from(r.u16()?);
@@ -394,6 +403,7 @@ pub(crate) mod tests {
             disk: StoredDisk::UpToDate,
             flags: SuperblockFlags {
                 primary_crashed: true,
+                needs_full_sync: true,
             },
             lineage: Lineage {
                 current: Generation(99),

@@ -100,6 +100,12 @@ impl<P: ExportPolicy> Haggle<'_, P> {
     }
 
     fn error(&mut self, option: u32, reply_type: u32, message: &str) {
+        if reply_type == REP_ERR_UNSUP {
+            // Clients probe for optional features: not worth a log line.
+            tracing::debug!(option, reason = message, "NBD option not supported");
+            self.reply(option, reply_type, message.as_bytes());
+            return;
+        }
         tracing::info!(
             option,
             reply_type = format_args!("{reply_type:#x}"),

@@ -178,6 +178,7 @@ fn errno_of(error: &VolumeError) -> Errno {
             GateRefusal::NoQuorum => Errno::Io,
         },
         VolumeError::FastZeroUnsupported => Errno::NotSup,
+        VolumeError::Meta(_) => Errno::Io,
         VolumeError::Io(e) => match e.raw_os_error() {
             Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => Errno::NoSpc,
             Some(libc::EINVAL) => Errno::Inval,
@@ -238,7 +239,9 @@ async fn execute(args: ExecuteArgs) -> Completed {
             .trim(offset, length, fua)
             .await
             .map(|()| Outcome::Done),
-        Command::Cache { offset, length } => volume.cache(offset, length).map(|()| Outcome::Done),
+        Command::Cache { offset, length } => {
+            volume.cache(offset, length).await.map(|()| Outcome::Done)
+        }
         Command::WriteZeroes {
             offset,
             length,
@@ -255,6 +258,7 @@ async fn execute(args: ExecuteArgs) -> Completed {
             req_one,
         } => volume
             .allocation(offset, length)
+            .await
             .map(|runs| Outcome::Extents(extents(runs, req_one))),
         Command::Disconnect => Ok(Outcome::Done),
     };

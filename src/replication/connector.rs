@@ -19,6 +19,7 @@ use tracing::Instrument;
 
 use super::handshake::{handshake, Identity};
 use crate::config::Config;
+use std::collections::BTreeMap;
 
 /// First retry delay after a failed dial; doubles up to the maximum.
 pub const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -47,13 +48,17 @@ pub struct Established {
     pub leftover: BytesMut,
 }
 
-/// Accepts peer connections on `address` until the task is dropped.
+/// Accepts peer connections on `address` until the task is dropped; a
+/// peer the core keeps StandAlone (`wanted` is Off) is refused in the
+/// handshake.
 pub async fn listen(
     listener: TcpListener,
     config: Arc<Config>,
     identity: Identity,
+    wanted: BTreeMap<u8, watch::Receiver<Wanted>>,
     established: mpsc::Sender<Established>,
 ) {
+    let wanted = Arc::new(wanted);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
     loop {
         let (mut stream, from) = match listener.accept().await {
@@ -71,9 +76,17 @@ pub async fn listen(
         let config = config.clone();
         let identity = identity.clone();
         let established = established.clone();
+        let wanted = wanted.clone();
         tokio::spawn(
             async move {
-                match handshake(&mut stream, &identity, &config, None).await {
+                let admit = |peer: u8| match wanted.get(&peer).map(|w| *w.borrow()) {
+                    Some(Wanted::Off) => Err(format!(
+                        "{} keeps this connection StandAlone (operator disconnect or split-brain);                          run `hablk connect` there",
+                        identity.node_name
+                    )),
+                    _ => Ok(()),
+                };
+                match handshake(&mut stream, &identity, &config, None, &admit).await {
                     Ok((peer, leftover)) => {
                         let _ = established
                             .send(Established {
@@ -138,10 +151,16 @@ pub async fn dial(
             continue;
         }
         let result = match dial_once(my_ip, address, timeout).await {
-            Ok(mut stream) => handshake(&mut stream, &identity, &config, Some(peer))
-                .await
-                .map(|(_, leftover)| (stream, leftover))
-                .map_err(|e| e.to_string()),
+            Ok(mut stream) => handshake(
+                &mut stream,
+                &identity,
+                &config,
+                Some(peer),
+                &super::handshake::admit_all,
+            )
+            .await
+            .map(|(_, leftover)| (stream, leftover))
+            .map_err(|e| e.to_string()),
             Err(e) => Err(format!("cannot connect to {address}: {e}")),
         };
         match result {

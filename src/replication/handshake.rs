@@ -120,6 +120,10 @@ async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, reason: String) -> PeerHa
     PeerHandshakeError::Refused(reason)
 }
 
+/// Whether this node takes a connection from a peer: `Err(reason)` when it
+/// keeps that peer StandAlone.
+pub type Admit<'a> = &'a (dyn Fn(u8) -> Result<(), String> + Sync);
+
 /// Runs the handshake on a fresh connection. `expected` is the peer this
 /// side dialed (None when accepting). Returns the peer's node id, and any
 /// bytes read past the handshake (the start of the session).
@@ -128,10 +132,14 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     me: &Identity,
     config: &Config,
     expected: Option<u8>,
+    admit: Admit<'_>,
 ) -> Result<(u8, BytesMut), PeerHandshakeError> {
-    tokio::time::timeout(PEER_HANDSHAKE_TIMEOUT, run(stream, me, config, expected))
-        .await
-        .map_err(|_| PeerHandshakeError::Timeout)?
+    tokio::time::timeout(
+        PEER_HANDSHAKE_TIMEOUT,
+        run(stream, me, config, expected, admit),
+    )
+    .await
+    .map_err(|_| PeerHandshakeError::Timeout)?
 }
 
 async fn run<S: AsyncRead + AsyncWrite + Unpin>(
@@ -139,6 +147,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     me: &Identity,
     config: &Config,
     expected: Option<u8>,
+    admit: Admit<'_>,
 ) -> Result<(u8, BytesMut), PeerHandshakeError> {
     let nonce: [u8; 32] = rand::random();
     send(
@@ -251,7 +260,21 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
-    Ok((peer_id, buf))
+    if let Err(reason) = admit(peer_id) {
+        return Err(refuse(stream, reason).await);
+    }
+    send(stream, &Message::Welcome).await?;
+    let frame = read_frame(stream, &mut buf, MAX_HANDSHAKE_FRAME_BYTES).await?;
+    match frame.message {
+        Message::Welcome => Ok((peer_id, buf)),
+        Message::Refuse { reason } => Err(PeerHandshakeError::RefusedByPeer(reason)),
+        other => Err(refuse(stream, format!("expected Welcome, got {}", other.name())).await),
+    }
+}
+
+/// Admits every peer (a dialer; tests).
+pub fn admit_all(_: u8) -> Result<(), String> {
+    Ok(())
 }
 
 #[cfg(test)]
@@ -290,8 +313,8 @@ disk = "/tmp/b"
         let ia = Identity::of(&a, 0).unwrap();
         let ib = Identity::of(&b, 1).unwrap();
         let (ra, rb) = tokio::join!(
-            handshake(&mut x, &ia, &a, Some(1)),
-            handshake(&mut y, &ib, &b, None)
+            handshake(&mut x, &ia, &a, Some(1), &admit_all),
+            handshake(&mut y, &ib, &b, None, &admit_all)
         );
         (
             ra.map(|r| r.0).map_err(|e| e.to_string()),
@@ -336,11 +359,27 @@ disk = "/tmp/b"
     }
 
     #[tokio::test]
+    async fn a_standalone_peer_is_refused_with_the_reason() {
+        let a = config(None, "beta");
+        let b = config(None, "beta");
+        let (mut x, mut y) = tokio::io::duplex(1 << 16);
+        let ia = Identity::of(&a, 0).unwrap();
+        let ib = Identity::of(&b, 1).unwrap();
+        let standalone = |_: u8| Err("beta keeps alpha StandAlone".to_string());
+        let (ra, rb) = tokio::join!(
+            handshake(&mut x, &ia, &a, Some(1), &admit_all),
+            handshake(&mut y, &ib, &b, None, &standalone)
+        );
+        assert!(ra.unwrap_err().to_string().contains("StandAlone"));
+        assert!(rb.is_err());
+    }
+
+    #[tokio::test]
     async fn garbage_is_refused() {
         let a = config(None, "beta");
         let (mut x, mut y) = tokio::io::duplex(1 << 16);
         let ia = Identity::of(&a, 0).unwrap();
-        let (result, _) = tokio::join!(handshake(&mut x, &ia, &a, None), async {
+        let (result, _) = tokio::join!(handshake(&mut x, &ia, &a, None, &admit_all), async {
             y.write_all(&[0xFF; 64]).await.unwrap();
         });
         assert!(

@@ -36,11 +36,15 @@ pub struct Outgoing {
 /// A peer's acknowledgement of one write: `true` = done there.
 pub type AckReceiver = oneshot::Receiver<bool>;
 
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
 /// The handle to a connected peer.
 #[derive(Debug)]
 pub struct PeerLink {
     pub peer: u8,
     pub name: String,
+    /// Unique per connection: events of an old session are told apart.
+    pub session: u64,
     outbox: mpsc::UnboundedSender<Outgoing>,
     in_flight_bytes: AtomicU64,
     acks: Mutex<HashMap<u64, (oneshot::Sender<bool>, u64)>>,
@@ -59,6 +63,7 @@ impl PeerLink {
             PeerLink {
                 peer,
                 name,
+                session: NEXT_SESSION.fetch_add(1, AtomicOrdering::Relaxed),
                 outbox,
                 in_flight_bytes: AtomicU64::new(0),
                 acks: Mutex::new(HashMap::new()),

@@ -59,6 +59,7 @@ pub enum PeerEvent {
     /// known complete on all nodes.
     Closed {
         peer: u8,
+        session: u64,
         reason: String,
         unconfirmed: Vec<(u64, u64)>,
     },
@@ -485,9 +486,11 @@ pub async fn run(
         .iter()
         .map(|w| (w.1, w.2))
         .collect();
+    let session = link.session;
     let _ = events
         .send(PeerEvent::Closed {
             peer,
+            session,
             reason,
             unconfirmed,
         })
@@ -495,6 +498,9 @@ pub async fn run(
 }
 
 type FlushFuture = Pin<Box<dyn Future<Output = io::Result<()>> + Send>>;
+/// A reply that may only leave after a flush, with the blocks it lets us
+/// clear toward the peer.
+type DurableReply = ((Message, Bytes), Vec<Range<u64>>);
 
 struct Session {
     stream: TcpStream,
@@ -513,8 +519,8 @@ struct Session {
     /// Every job's latch (barriers wait for all earlier jobs).
     all_done: HashMap<u64, CancellationToken>,
     /// Replies waiting for the next flush, and blocks to clear then.
-    unflushed: Vec<((Message, Bytes), Vec<Range<u64>>)>,
-    flushing: Option<(FlushFuture, Vec<((Message, Bytes), Vec<Range<u64>>)>)>,
+    unflushed: Vec<DurableReply>,
+    flushing: Option<(FlushFuture, Vec<DurableReply>)>,
     unconfirmed: Unconfirmed,
 }
 
@@ -847,6 +853,26 @@ impl Session {
             }
             Message::Hello { .. } | Message::Auth { .. } => {
                 return Some("peer repeated its handshake mid-session".into());
+            }
+            Message::NewGeneration { .. } => {
+                // Writes from the sender not yet confirmed everywhere may be
+                // missing on whichever peer the sender just lost: mark them
+                // toward every other data node before taking the new
+                // generation.
+                if let Some(disk) = &self.config.disk {
+                    let others = disk.data_nodes & !me_bit & !peer_bit;
+                    for &(_, offset, len) in &self.unconfirmed.writes {
+                        disk.tracker.mark_many(others, offset, len);
+                    }
+                }
+                let peer = self.link.peer;
+                if self
+                    .events
+                    .try_send(PeerEvent::Frame { peer, frame })
+                    .is_err()
+                {
+                    return Some("cluster core is not keeping up with this peer's messages".into());
+                }
             }
             message => {
                 let peer = self.link.peer;

@@ -57,6 +57,10 @@ pub struct NodeReport {
     pub connections: Vec<(u8, Role)>,
     /// Whether it can zero ranges without writing data.
     pub fast_zero: bool,
+    /// Never synced or invalidated: a resync toward it must be full.
+    pub needs_full_sync: bool,
+    /// The operator chose it as the split-brain victim.
+    pub discard_my_data: bool,
 }
 
 /// A lineage on the wire.
@@ -119,6 +123,8 @@ pub enum Message {
     Refuse {
         reason: String,
     },
+    /// The handshake is accepted; the session starts.
+    Welcome,
     /// Full state report: after the handshake and on every change.
     Report(NodeReport),
     Ping {
@@ -243,6 +249,7 @@ impl Message {
             Message::Hello { .. } => "Hello",
             Message::Auth { .. } => "Auth",
             Message::Refuse { .. } => "Refuse",
+            Message::Welcome => "Welcome",
             Message::Report(_) => "Report",
             Message::Ping { .. } => "Ping",
             Message::Pong { .. } => "Pong",
@@ -435,6 +442,8 @@ mod tests {
             primary_crashed: true,
             connections: vec![(1, Role::Secondary), (2, Role::Unknown)],
             fast_zero: true,
+            needs_full_sync: false,
+            discard_my_data: true,
         }
     }
 
@@ -457,6 +466,7 @@ mod tests {
             Message::Refuse {
                 reason: "no".into(),
             },
+            Message::Welcome,
             Message::Report(report()),
             Message::Ping { id: 1 },
             Message::Pong { id: 1 },

@@ -1,0 +1,1300 @@
+//! The cluster core's side of each peer: connection lifecycle, state
+//! reports, the bitmap exchange, who resyncs whom, generations recorded by
+//! peers, verify, invalidate, skip-initial-sync.
+//!
+//! The connect sequence between two data nodes:
+//!
+//! ```text
+//!   handshake ─▶ both send Report ─▶ decide() on both sides (same inputs)
+//!        split-brain: both StandAlone, nothing overwritten
+//!        source:  Bitmap* (its bits for the target), SyncBegin{mode}
+//!        target:  merges; Bitmap* (its bits), BitmapDone; SyncTarget
+//!        source:  merges (now both hold the union); a Primary source adds
+//!                 the target to its write targets *now*; streams the union
+//!                 (or, if empty, ends at once) ─▶ SyncEnd{lineage}
+//!        target:  takes the lineage, UpToDate
+//! ```
+//!
+//! The same sequence re-runs without reconnecting whenever either side's
+//! generation, disk or role changes (e.g. a promotion makes a peer behind).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::{oneshot, watch};
+
+use super::core::{Core, Internal, SkipSync};
+use super::generation::{Generation, Lineage, Relation};
+use super::state::{ConnectionState, DiskState, ReplicationState, Role};
+use super::sync_rules::{decide, Decision, Side};
+use crate::config::Node;
+use crate::control::protocol::{PeerStatus, Request, Response, SyncStatus};
+use crate::control::server::CoreReply;
+use crate::meta::superblock::StoredDisk;
+use crate::meta::tracker::Tracker;
+use crate::replication::connector::{Established, Wanted};
+use crate::replication::link::PeerLink;
+use crate::replication::resync::{self, SourceContext, SyncError, SyncStats};
+use crate::replication::session::{self, PeerEvent};
+use crate::replication::wire::{Frame, Message, NodeReport, SyncMode, WireLineage};
+
+/// Bitmap words per `Bitmap` frame during the exchange.
+const BITMAP_WORDS_PER_FRAME: usize = 64 << 10;
+
+/// A resync or verify with one peer.
+#[derive(Debug)]
+pub(super) struct SyncRun {
+    pub source: bool,
+    pub mode: SyncMode,
+    /// Past the bitmap exchange.
+    pub streaming: bool,
+    pub verify: bool,
+    pub stats: Arc<SyncStats>,
+    pub task: Option<tokio::task::AbortHandle>,
+}
+
+/// What the core knows of one peer.
+#[derive(Debug)]
+pub(super) struct PeerState {
+    pub node: Node,
+    pub wanted: watch::Sender<Wanted>,
+    pub link: Option<Arc<PeerLink>>,
+    pub report: Option<NodeReport>,
+    /// Why the peer is StandAlone (operator, split-brain, refusal).
+    pub standalone: Option<String>,
+    pub split_brain: bool,
+    /// `connect --discard-my-data` toward this peer.
+    pub discard_my_data: bool,
+    pub replication: ReplicationState,
+    /// Gets every write from this (Primary) node.
+    pub receives_writes: bool,
+    /// The generation both sides held when an exchange on this connection
+    /// last ended with nothing out of sync: no new exchange is needed while
+    /// neither side moves on.
+    pub in_sync_at: Option<Generation>,
+    pub sync: Option<SyncRun>,
+}
+
+impl PeerState {
+    pub fn new(node: Node, wanted: watch::Sender<Wanted>) -> PeerState {
+        PeerState {
+            node,
+            wanted,
+            link: None,
+            report: None,
+            standalone: None,
+            split_brain: false,
+            discard_my_data: false,
+            replication: ReplicationState::Off,
+            receives_writes: false,
+            in_sync_at: None,
+            sync: None,
+        }
+    }
+
+    pub fn connected(&self) -> bool {
+        self.link.as_ref().is_some_and(|l| !l.is_closed())
+    }
+
+    pub fn connection_state(&self) -> ConnectionState {
+        if self.connected() {
+            ConnectionState::Connected
+        } else if self.standalone.is_some() {
+            ConnectionState::StandAlone
+        } else {
+            ConnectionState::Connecting
+        }
+    }
+
+    pub fn status(&self, tracker: Option<&Tracker>) -> PeerStatus {
+        let oos = tracker.map_or(0, |t| t.dirty_bytes(self.node.id));
+        let sync = match &self.sync {
+            Some(run) if run.streaming && !run.verify => {
+                let start = run.stats.start_dirty_bytes.max(oos);
+                let percent = if start == 0 {
+                    100.0
+                } else {
+                    100.0 * (1.0 - oos as f64 / start as f64)
+                };
+                let rate = run.stats.bytes_per_sec();
+                SyncStatus {
+                    active: true,
+                    direction: Some(if run.source { "source" } else { "target" }.into()),
+                    percent: (percent * 10.0).round() / 10.0,
+                    bytes_per_sec: rate,
+                    eta_seconds: (rate > 0).then(|| oos / rate),
+                }
+            }
+            _ => SyncStatus {
+                active: false,
+                direction: None,
+                percent: 100.0,
+                bytes_per_sec: 0,
+                eta_seconds: None,
+            },
+        };
+        let connected = self.connected();
+        PeerStatus {
+            node: self.node.name.clone(),
+            connection: self.connection_state(),
+            role: match (&self.report, connected) {
+                (Some(r), true) => r.role,
+                _ => Role::Unknown,
+            },
+            peer_disk: match (&self.report, connected) {
+                (Some(r), true) => r.disk,
+                _ => DiskState::DUnknown,
+            },
+            replication: if connected {
+                self.replication
+            } else {
+                ReplicationState::Off
+            },
+            split_brain: self.split_brain,
+            out_of_sync_bytes: oos,
+            sync,
+        }
+    }
+
+    fn set_wanted(&self, wanted: Wanted) {
+        self.wanted.send_replace(wanted);
+    }
+}
+
+fn side_from_report(id: u8, report: &NodeReport, other: u8) -> Side {
+    Side {
+        id,
+        role: report.role,
+        disk: report.disk,
+        lineage: (&report.lineage).into(),
+        primary_crashed: report.primary_crashed,
+        needs_full_sync: report.needs_full_sync,
+        connected_to_other_primary: report
+            .connections
+            .iter()
+            .any(|&(node, role)| node != other && role == Role::Primary),
+        discard_my_data: report.discard_my_data,
+    }
+}
+
+impl Core {
+    /// This node's report as sent to `peer` (discard-my-data is per peer).
+    fn report_for(&self, peer: u8) -> NodeReport {
+        let mut report = self.report();
+        report.discard_my_data = self.peers.get(&peer).is_some_and(|p| p.discard_my_data);
+        report
+    }
+
+    pub(super) fn send_reports(&self) {
+        for peer in self.peers.values() {
+            if let Some(link) = &peer.link {
+                link.send(Message::Report(self.report_for(peer.node.id)), Bytes::new());
+            }
+        }
+    }
+
+    /// A node this one sees as Primary, or as connected to one:
+    /// (reporter, Primary).
+    pub(super) fn primary_seen(&self) -> Option<(String, String)> {
+        for peer in self.peers.values() {
+            let Some(report) = peer.report.as_ref().filter(|_| peer.connected()) else {
+                continue;
+            };
+            if report.role == Role::Primary {
+                return Some((peer.node.name.clone(), peer.node.name.clone()));
+            }
+            if let Some(&(id, _)) = report
+                .connections
+                .iter()
+                .find(|&&(id, role)| role == Role::Primary && id != self.me.id)
+            {
+                return Some((peer.node.name.clone(), self.peer_name(id)));
+            }
+        }
+        None
+    }
+
+    /// A handshaken connection arrived from the connector.
+    pub(super) fn established(&mut self, established: Established) {
+        let Established {
+            peer,
+            stream,
+            leftover,
+        } = established;
+        let Some(state) = self.peers.get(&peer) else {
+            return;
+        };
+        if state.standalone.is_some() {
+            // The handshake raced with `disconnect`: drop it.
+            drop(stream);
+            return;
+        }
+        if state.connected() {
+            tracing::info!(peer = %state.node.name, "second connection from a connected peer dropped");
+            return;
+        }
+        let (link, outbox) = PeerLink::new(peer, state.node.name.clone());
+        let link = Arc::new(link);
+        tokio::spawn(session::run(
+            stream,
+            leftover,
+            link.clone(),
+            outbox,
+            self.session_config.clone(),
+            self.peer_events_tx.clone(),
+        ));
+        tracing::info!(peer = %state.node.name, "peer connected");
+        let report = self.report_for(peer);
+        if let Some(state) = self.peers.get_mut(&peer) {
+            state.link = Some(link.clone());
+            state.report = None;
+            state.replication = ReplicationState::Off;
+            state.receives_writes = false;
+            state.in_sync_at = None;
+            state.sync = None;
+            state.set_wanted(Wanted::Live);
+        }
+        link.send(Message::Report(report), Bytes::new());
+        // Others learn of the new connection (rule (b) reads them).
+        self.send_reports();
+    }
+
+    pub(super) fn peer_event(&mut self, event: PeerEvent) {
+        match event {
+            PeerEvent::Frame { peer, frame } => self.peer_frame(peer, frame),
+            PeerEvent::Closed {
+                peer,
+                session,
+                reason,
+                unconfirmed,
+            } => self.peer_closed(peer, session, &reason, unconfirmed),
+            PeerEvent::DiskFailed { error } => self.disk_failed(&error),
+        }
+    }
+
+    fn peer_closed(&mut self, peer: u8, session: u64, reason: &str, unconfirmed: Vec<(u64, u64)>) {
+        if let Some(tracker) = &self.tracker {
+            // Writes from a lost Primary that may not have reached every
+            // node: out of sync toward every data peer.
+            let others =
+                self.config.data_nodes().fold(0u32, |m, n| m | (1 << n.id)) & !(1 << self.me.id);
+            for (offset, len) in unconfirmed {
+                tracker.mark_many(others, offset, len);
+            }
+        }
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if state.link.as_ref().map(|l| l.session) != Some(session) {
+            return;
+        }
+        let was_target = state.receives_writes;
+        let was_data = state.node.is_data();
+        let was_primary = state
+            .report
+            .as_ref()
+            .is_some_and(|r| r.role == Role::Primary);
+        if let Some(run) = state.sync.take() {
+            if let Some(task) = run.task {
+                task.abort();
+            }
+        }
+        state.link = None;
+        state.report = None;
+        state.replication = ReplicationState::Off;
+        state.receives_writes = false;
+        state.in_sync_at = None;
+        if state.standalone.is_none() {
+            state.set_wanted(Wanted::Connect);
+        }
+        let name = state.node.name.clone();
+        tracing::warn!(peer = %name, reason, "peer connection lost");
+        if let Some(caller) = self.verify_callers.remove(&peer) {
+            let _ = caller.send(CoreReply::Response(Response::failed(format!(
+                "verify aborted: lost {name} ({reason})"
+            ))));
+        }
+        self.generation_answer(peer, false);
+        if let Some(skip) = &mut self.skip_sync {
+            if skip.waiting.contains(&peer) {
+                if let Some(skip) = self.skip_sync.take() {
+                    let response =
+                        Response::failed(format!("skip-initial-sync aborted: lost {name}"));
+                    self.answer(&Request::SkipInitialSync, skip.caller, response);
+                }
+            }
+        }
+        if was_target {
+            self.refresh_targets();
+        }
+        if self.role == Role::Primary && was_data {
+            // Rule A: a Primary that loses any data peer starts a new
+            // generation before it acknowledges another write.
+            self.start_generation(format!("lost data peer {name}"), Vec::new());
+        }
+        if was_primary {
+            self.close_gate(crate::volume::Refusal::NotPrimary);
+        }
+        self.send_reports();
+    }
+
+    fn disk_failed(&mut self, error: &str) {
+        if self.disk == DiskState::Diskless {
+            return;
+        }
+        tracing::error!(
+            error,
+            "backing disk failed: detaching (on-io-error = detach); this node goes Diskless"
+        );
+        self.disk = DiskState::Diskless;
+        let _ = self.meta.update(|sb| sb.disk = StoredDisk::Inconsistent);
+        self.send_reports();
+    }
+
+    fn peer_frame(&mut self, peer: u8, frame: Frame) {
+        let Frame { message, payload } = frame;
+        match message {
+            Message::Report(report) => self.on_report(peer, report),
+            Message::Bitmap { first_word } => self.on_bitmap_words(peer, first_word, &payload),
+            Message::SyncBegin { mode, total_bytes } => self.on_sync_begin(peer, mode, total_bytes),
+            Message::BitmapDone => self.on_bitmap_done(peer),
+            Message::SyncEnd { lineage } => self.on_sync_end(peer, &lineage),
+            Message::NewGeneration { lineage, token } => {
+                self.on_new_generation(peer, &lineage, token)
+            }
+            Message::GenerationRecorded {
+                token,
+                accepted,
+                known,
+            } => {
+                let current = self.generation_change.as_ref().map(|c| c.token);
+                if current == Some(token) {
+                    if !accepted {
+                        tracing::warn!(peer = %self.peer_name(peer), known = %Generation(known), "peer refused to record the new generation");
+                    }
+                    self.generation_answer(peer, accepted);
+                }
+            }
+            Message::SkipSync { generation, token } => {
+                self.on_skip_sync(peer, Generation(generation), token)
+            }
+            Message::SkipSyncDone { token, ok } => self.on_skip_sync_done(peer, token, ok),
+            Message::Refuse { reason } => {
+                tracing::error!(peer = %self.peer_name(peer), reason = %reason, "peer refused this node");
+                if let Some(state) = self.peers.get_mut(&peer) {
+                    state.standalone = Some(format!("refused by the peer: {reason}"));
+                    state.set_wanted(Wanted::Off);
+                    if let Some(link) = &state.link {
+                        link.close(format!("refused by the peer: {reason}"));
+                    }
+                }
+            }
+            Message::Leaving => {
+                tracing::info!(peer = %self.peer_name(peer), "peer is leaving cleanly");
+            }
+            other => {
+                tracing::warn!(peer = %self.peer_name(peer), message = other.name(), "unexpected message; dropping the connection");
+                if let Some(link) = self.peers.get(&peer).and_then(|p| p.link.clone()) {
+                    link.close(format!("unexpected {}", other.name()));
+                }
+            }
+        }
+    }
+
+    fn refuse_peer(&mut self, peer: u8, reason: String) {
+        tracing::error!(peer = %self.peer_name(peer), reason = %reason, "peer refused");
+        if let Some(state) = self.peers.get_mut(&peer) {
+            if let Some(link) = &state.link {
+                link.send(
+                    Message::Refuse {
+                        reason: reason.clone(),
+                    },
+                    Bytes::new(),
+                );
+            }
+            state.standalone = Some(reason.clone());
+            state.set_wanted(Wanted::Off);
+            if let Some(link) = state.link.clone() {
+                // Let the Refuse leave before the close.
+                tokio::spawn(async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    link.close(reason);
+                });
+            }
+        }
+    }
+
+    fn on_report(&mut self, peer: u8, report: NodeReport) {
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let first = state.report.is_none();
+        let peer_is_data = state.node.is_data();
+        let old = state.report.replace(report.clone());
+        let name = state.node.name.clone();
+        if first && peer_is_data && self.me.is_data() {
+            let sb = self.meta.superblock();
+            if sb.data_size_bytes > 0 && report.capacity_bytes < sb.data_size_bytes {
+                let reason = format!(
+                    "{name}'s disk holds {} bytes, less than {}'s data size of {} bytes",
+                    report.capacity_bytes, self.config.resource.name, sb.data_size_bytes
+                );
+                self.refuse_peer(peer, reason);
+                return;
+            }
+            if sb.data_size_bytes > 0
+                && report.data_size_bytes > 0
+                && report.data_size_bytes != sb.data_size_bytes
+            {
+                let reason = format!(
+                    "{name} has data size {} bytes, this node {} bytes",
+                    report.data_size_bytes, sb.data_size_bytes
+                );
+                self.refuse_peer(peer, reason);
+                return;
+            }
+            if sb.data_size_bytes == 0 && report.data_size_bytes > sb.layout.data_capacity_bytes {
+                let reason = format!(
+                    "this node's disk holds {} bytes, less than {}'s data size of {} bytes",
+                    sb.layout.data_capacity_bytes,
+                    self.config.resource.name,
+                    report.data_size_bytes
+                );
+                self.refuse_peer(peer, reason);
+                return;
+            }
+        }
+        // A Primary that meets newer data gives up the role at once.
+        if self.role == Role::Primary && peer_is_data {
+            let theirs: Lineage = (&report.lineage).into();
+            if self.meta.superblock().lineage.relation_to(&theirs) == Relation::Older
+                && report.disk == DiskState::UpToDate
+            {
+                tracing::error!(peer = %name, "peer holds a newer generation: this Primary steps down");
+                self.become_secondary("met a newer generation");
+            }
+        }
+        if self.disk == DiskState::Consistent && peer_is_data {
+            let theirs: Lineage = (&report.lineage).into();
+            let relation = self.meta.superblock().lineage.relation_to(&theirs);
+            self.disk = if relation == Relation::Older {
+                DiskState::Outdated
+            } else {
+                DiskState::UpToDate
+            };
+            let stored = if self.disk == DiskState::Outdated {
+                StoredDisk::Outdated
+            } else {
+                StoredDisk::UpToDate
+            };
+            let _ = self.meta.update(|sb| sb.disk = stored);
+        }
+        if matches!(report.disk, DiskState::Diskless | DiskState::Failed) && peer_is_data {
+            let was_target = self.peers.get(&peer).is_some_and(|p| p.receives_writes);
+            if let Some(state) = self.peers.get_mut(&peer) {
+                state.receives_writes = false;
+                state.replication = ReplicationState::Off;
+            }
+            if was_target {
+                tracing::warn!(peer = %name, "peer's disk failed: replicating without it");
+                self.refresh_targets();
+                if self.role == Role::Primary {
+                    self.start_generation(format!("data peer {name} lost its disk"), Vec::new());
+                }
+            }
+        }
+        self.refresh_tracking(peer);
+        let changed = old.as_ref().map_or(true, |old| {
+            old.lineage != report.lineage
+                || old.disk != report.disk
+                || old.role != report.role
+                || old.needs_full_sync != report.needs_full_sync
+        });
+        if changed {
+            self.re_evaluate(peer);
+        }
+        if first {
+            // Peers learn our view of the new connection's role.
+            self.send_reports();
+        }
+    }
+
+    /// While a peer is in sync with us (same data generation, both
+    /// UpToDate, nothing marked), the bitmap toward it tracks since the
+    /// current generation.
+    fn refresh_tracking(&mut self, peer: u8) {
+        let Some(tracker) = &self.tracker else { return };
+        let Some(state) = self.peers.get(&peer) else {
+            return;
+        };
+        let Some(report) = &state.report else { return };
+        let sb = self.meta.superblock();
+        let in_sync = state.sync.is_none()
+            && report.disk == DiskState::UpToDate
+            && self.disk == DiskState::UpToDate
+            && Generation(report.lineage.current) == sb.lineage.current
+            && tracker.dirty_bytes(peer) == 0;
+        let Some(slot) = sb.slot_of(peer) else { return };
+        let current = Some(sb.lineage.current);
+        if in_sync && sb.peer_slots[usize::from(slot)].tracking != current {
+            let _ = self
+                .meta
+                .update(|sb| sb.peer_slots[usize::from(slot)].tracking = current);
+        }
+    }
+
+    fn my_side(&self, peer: u8) -> Side {
+        let report = self.report_for(peer);
+        side_from_report(self.me.id, &report, peer)
+    }
+
+    pub(super) fn re_evaluate_all(&mut self) {
+        let ids: Vec<u8> = self.peers.keys().copied().collect();
+        for id in ids {
+            self.re_evaluate(id);
+        }
+    }
+
+    /// Runs the connect decision for a connected data peer.
+    pub(super) fn re_evaluate(&mut self, peer: u8) {
+        if !self.me.is_data() || self.disk == DiskState::Diskless {
+            return;
+        }
+        let Some(state) = self.peers.get(&peer) else {
+            return;
+        };
+        if !state.node.is_data() || !state.connected() || state.sync.is_some() || state.split_brain
+        {
+            return;
+        }
+        let Some(report) = &state.report else { return };
+        if matches!(report.disk, DiskState::Diskless | DiskState::Failed) {
+            return;
+        }
+        let theirs = side_from_report(peer, report, self.me.id);
+        let mine = self.my_side(peer);
+        let current = self.meta.superblock().lineage.current;
+        let still_in_sync = state.in_sync_at == Some(current)
+            && Generation(report.lineage.current) == current
+            && report.disk == DiskState::UpToDate
+            && self.disk == DiskState::UpToDate
+            && !report.needs_full_sync
+            && (self.role != Role::Primary || state.receives_writes);
+        if still_in_sync {
+            return;
+        }
+        match decide(&mine, &theirs) {
+            Decision::SplitBrain => self.split_brain(peer),
+            Decision::None => {
+                if let Some(state) = self.peers.get_mut(&peer) {
+                    state.replication = ReplicationState::Established;
+                }
+            }
+            Decision::Sync { source, full, .. } if source == self.me.id => {
+                self.start_exchange(peer, full)
+            }
+            Decision::Sync { .. } => {}
+        }
+    }
+
+    fn split_brain(&mut self, peer: u8) {
+        let name = self.peer_name(peer);
+        tracing::error!(
+            peer = %name,
+            "SPLIT-BRAIN: this node and {name} both wrote in diverged generations; nothing was \
+             overwritten. Pick the victim and run `hablk connect --discard-my-data` on it"
+        );
+        if let Some(state) = self.peers.get_mut(&peer) {
+            state.split_brain = true;
+            state.standalone = Some("split-brain".into());
+            state.set_wanted(Wanted::Off);
+            if let Some(link) = &state.link {
+                link.close("split-brain detected");
+            }
+        }
+    }
+
+    fn data_bytes(&self) -> u64 {
+        self.meta.superblock().data_size_bytes
+    }
+
+    fn start_exchange(&mut self, peer: u8, full: bool) {
+        let Some(tracker) = self.tracker.clone() else {
+            return;
+        };
+        let sb = self.meta.superblock();
+        let report = self.peers.get(&peer).and_then(|p| p.report.clone());
+        let Some(report) = report else { return };
+        let tracking = sb
+            .slot_of(peer)
+            .and_then(|slot| sb.peer_slots[usize::from(slot)].tracking);
+        let mode = if full || tracking != Some(Generation(report.lineage.current)) {
+            SyncMode::Hash
+        } else {
+            SyncMode::Bitmap
+        };
+        let data_blocks = self.data_bytes().div_ceil(4096);
+        if mode == SyncMode::Hash {
+            tracker.with_bitmap(peer, |b| b.set_range(0..data_blocks));
+        }
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let Some(link) = state.link.clone() else {
+            return;
+        };
+        let chunks = tracker
+            .with_bitmap(peer, |b| b.set_word_chunks(BITMAP_WORDS_PER_FRAME))
+            .unwrap_or_default();
+        for (first_word, words) in chunks {
+            let payload: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+            link.send(Message::Bitmap { first_word }, Bytes::from(payload));
+        }
+        let total_bytes = tracker.dirty_bytes(peer);
+        link.send(Message::SyncBegin { mode, total_bytes }, Bytes::new());
+        tracing::info!(peer = %state.node.name, ?mode, out_of_sync_bytes = total_bytes, "resync: exchanging bitmaps as source");
+        state.replication = ReplicationState::SyncSource;
+        state.sync = Some(SyncRun {
+            source: true,
+            mode,
+            streaming: false,
+            verify: false,
+            stats: Arc::new(SyncStats::new(total_bytes)),
+            task: None,
+        });
+    }
+
+    fn on_bitmap_words(&mut self, peer: u8, first_word: u64, payload: &[u8]) {
+        let Some(tracker) = &self.tracker else { return };
+        let words: Vec<u64> = payload
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect();
+        tracker.with_bitmap(peer, |b| b.merge_words(first_word, &words));
+    }
+
+    /// We are the target: answer with our bits, then receive.
+    fn on_sync_begin(&mut self, peer: u8, mode: SyncMode, _total: u64) {
+        let Some(tracker) = self.tracker.clone() else {
+            return;
+        };
+        if let Some(run) = self.peers.get(&peer).and_then(|p| p.sync.as_ref()) {
+            if run.source && self.me.id < peer {
+                // Both believed themselves source; the lower id wins.
+                return;
+            }
+        }
+        if self.role == Role::Primary {
+            self.become_secondary("became a resync target");
+        }
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let Some(link) = state.link.clone() else {
+            return;
+        };
+        let chunks = tracker
+            .with_bitmap(peer, |b| b.set_word_chunks(BITMAP_WORDS_PER_FRAME))
+            .unwrap_or_default();
+        for (first_word, words) in chunks {
+            let payload: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+            link.send(Message::Bitmap { first_word }, Bytes::from(payload));
+        }
+        link.send(Message::BitmapDone, Bytes::new());
+        let union = tracker.dirty_bytes(peer);
+        state.replication = ReplicationState::SyncTarget;
+        state.sync = Some(SyncRun {
+            source: false,
+            mode,
+            streaming: true,
+            verify: false,
+            stats: Arc::new(SyncStats::new(union)),
+            task: None,
+        });
+        let name = state.node.name.clone();
+        if mode == SyncMode::Hash || union > 0 {
+            tracing::info!(peer = %name, ?mode, out_of_sync_bytes = union, "resync: this node is the target");
+            self.disk = DiskState::Inconsistent;
+            let _ = self.meta.update(|sb| sb.disk = StoredDisk::Inconsistent);
+            self.send_reports();
+        }
+    }
+
+    /// We are the source and both hold the union: start streaming.
+    fn on_bitmap_done(&mut self, peer: u8) {
+        let (Some(tracker), Some(volume)) = (self.tracker.clone(), self.volume.clone()) else {
+            return;
+        };
+        let is_primary = self.role == Role::Primary;
+        let data_bytes = self.data_bytes();
+        let rate = self.config.resource.resync_rate_bytes_per_sec;
+        let internal = self.internal_tx.clone();
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let Some(link) = state.link.clone() else {
+            return;
+        };
+        let Some(run) = state.sync.as_mut().filter(|r| r.source && !r.streaming) else {
+            tracing::debug!(peer = %state.node.name, "BitmapDone without an exchange");
+            return;
+        };
+        run.streaming = true;
+        let union = tracker.dirty_bytes(peer);
+        run.stats = Arc::new(SyncStats::new(union));
+        let mode = run.mode;
+        if is_primary {
+            state.receives_writes = true;
+        }
+        let stats = run.stats.clone();
+        let ctx = SourceContext {
+            storage: volume.storage().clone(),
+            tracker,
+            ordering: volume.ordering().clone(),
+            rate_bytes_per_sec: rate,
+            data_bytes,
+        };
+        let session = link.session;
+        let task = tokio::spawn(async move {
+            let result = resync::run_source(link, ctx, mode, stats).await;
+            let _ = internal
+                .send(Internal::SyncDone {
+                    peer,
+                    session,
+                    result,
+                })
+                .await;
+        });
+        run.task = Some(task.abort_handle());
+        tracing::info!(peer = %state.node.name, ?mode, out_of_sync_bytes = union, "resync: streaming");
+        if is_primary {
+            self.refresh_targets();
+        }
+    }
+
+    pub(super) fn sync_done(&mut self, peer: u8, session: u64, result: Result<(), SyncError>) {
+        let lineage = WireLineage::from(&self.meta.superblock().lineage);
+        let generation = self.meta.superblock().lineage.current;
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if state.link.as_ref().map(|l| l.session) != Some(session) {
+            return;
+        }
+        let name = state.node.name.clone();
+        match result {
+            Ok(()) => {
+                let bytes = state.sync.as_ref().map_or(0, |r| {
+                    r.stats
+                        .sent_bytes
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                });
+                state.sync = None;
+                state.replication = ReplicationState::Established;
+                state.in_sync_at = Some(generation);
+                if let Some(link) = &state.link {
+                    link.send(Message::SyncEnd { lineage }, Bytes::new());
+                }
+                tracing::info!(peer = %name, data_bytes_sent = bytes, "resync done (source)");
+                let sb = self.meta.superblock();
+                if let Some(slot) = sb.slot_of(peer) {
+                    let _ = self
+                        .meta
+                        .update(|sb| sb.peer_slots[usize::from(slot)].tracking = Some(generation));
+                }
+            }
+            Err(SyncError::PeerLost) => {}
+            Err(e) => {
+                tracing::error!(peer = %name, error = %e, "resync failed; dropping the connection to retry");
+                if let Some(link) = &state.link {
+                    link.close(format!("resync failed: {e}"));
+                }
+            }
+        }
+    }
+
+    /// We were the target: the data now equals the source's.
+    fn on_sync_end(&mut self, peer: u8, lineage: &WireLineage) {
+        let lineage: Lineage = lineage.into();
+        let size = self
+            .peers
+            .get(&peer)
+            .and_then(|p| p.report.as_ref())
+            .map_or(0, |r| r.data_size_bytes);
+        if let Some(tracker) = &self.tracker {
+            tracker.with_bitmap(peer, |b| b.clear_all());
+        }
+        let generation = lineage.current;
+        let result = self.meta.update(|sb| {
+            sb.lineage = lineage.clone();
+            if sb.known != generation && !lineage.history.contains(&sb.known) {
+                // Keep the newest known generation.
+            } else {
+                sb.known = generation;
+            }
+            sb.disk = StoredDisk::UpToDate;
+            sb.flags.needs_full_sync = false;
+            if sb.data_size_bytes == 0 {
+                sb.data_size_bytes = size;
+            }
+            if let Some(slot) = sb.slot_of(peer) {
+                sb.peer_slots[usize::from(slot)].tracking = Some(generation);
+            }
+        });
+        if let Err(e) = result {
+            tracing::error!(error = %e, "cannot record the finished resync");
+            return;
+        }
+        self.disk = DiskState::UpToDate;
+        if let Some(state) = self.peers.get_mut(&peer) {
+            state.sync = None;
+            state.replication = ReplicationState::Established;
+            state.discard_my_data = false;
+            state.in_sync_at = Some(generation);
+        }
+        tracing::info!(peer = %self.peer_name(peer), %generation, "resync done (target): UpToDate");
+        self.send_reports();
+        self.re_evaluate_all();
+    }
+
+    /// A peer asks us to record a new generation (compare-and-set).
+    fn on_new_generation(&mut self, peer: u8, lineage: &WireLineage, token: u64) {
+        let new: Lineage = lineage.into();
+        let generation = new.current;
+        let sb = self.meta.superblock();
+        let accepted =
+            new.contains(sb.known) || new.history.contains(&sb.known) || sb.known == generation;
+        let previous = new.history.first().copied();
+        let in_sync_with_sender = self.me.is_data()
+            && self.disk == DiskState::UpToDate
+            && Some(sb.lineage.current) == previous
+            && self.peers.get(&peer).is_some_and(|p| p.sync.is_none());
+        let mut disk = self.disk;
+        let result = if accepted {
+            self.meta.update(|sb| {
+                sb.known = generation;
+                if in_sync_with_sender {
+                    sb.lineage = new.clone();
+                    if let Some(slot) = sb.slot_of(peer) {
+                        sb.peer_slots[usize::from(slot)].tracking = Some(generation);
+                    }
+                } else if sb.lineage.current != generation && disk == DiskState::UpToDate {
+                    sb.disk = StoredDisk::Outdated;
+                    disk = DiskState::Outdated;
+                }
+            })
+        } else {
+            Ok(())
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "cannot record a peer's new generation");
+        }
+        self.disk = disk;
+        let known = self.meta.superblock().known.0;
+        tracing::info!(peer = %self.peer_name(peer), %generation, accepted, adopted = in_sync_with_sender && accepted, "generation recorded for peer");
+        if let Some(link) = self.peers.get(&peer).and_then(|p| p.link.clone()) {
+            link.send(
+                Message::GenerationRecorded {
+                    token,
+                    accepted,
+                    known,
+                },
+                Bytes::new(),
+            );
+        }
+        self.send_reports();
+    }
+
+    /// The write targets: peers past the bitmap exchange.
+    pub(super) fn refresh_targets(&self) {
+        let Some(volume) = &self.volume else { return };
+        let targets: Vec<Arc<PeerLink>> = self
+            .peers
+            .values()
+            .filter(|p| p.receives_writes && self.role == Role::Primary)
+            .filter_map(|p| p.link.clone().filter(|l| !l.is_closed()))
+            .collect();
+        let zero_fast = self
+            .peers
+            .values()
+            .filter(|p| p.receives_writes)
+            .all(|p| p.report.as_ref().is_some_and(|r| r.fast_zero));
+        volume.set_targets(targets, zero_fast);
+    }
+
+    fn select_peers(&self, name: Option<&str>) -> Result<Vec<u8>, Box<Response>> {
+        match name {
+            None => Ok(self.peers.keys().copied().collect()),
+            Some(name) => self
+                .peers
+                .values()
+                .find(|p| p.node.name == name)
+                .map(|p| vec![p.node.id])
+                .ok_or_else(|| {
+                    Box::new(Response {
+                        exit: crate::control::protocol::ExitCode::Usage,
+                        message: Some(format!(
+                            "'{name}' is not a peer of {} in the config",
+                            self.me.name
+                        )),
+                        status: None,
+                    })
+                }),
+        }
+    }
+
+    pub(super) fn connect(&mut self, name: Option<&str>, discard_my_data: bool) -> Response {
+        let ids = match self.select_peers(name) {
+            Ok(ids) => ids,
+            Err(response) => return *response,
+        };
+        if discard_my_data && self.role == Role::Primary {
+            return Response::refused(
+                "refused: a Primary cannot discard its data; demote it first",
+            );
+        }
+        for id in &ids {
+            if let Some(state) = self.peers.get_mut(id) {
+                state.standalone = None;
+                state.split_brain = false;
+                state.discard_my_data = discard_my_data;
+                if !state.connected() {
+                    state.set_wanted(Wanted::Connect);
+                }
+            }
+        }
+        if discard_my_data {
+            tracing::warn!("connect --discard-my-data: this node becomes the resync target and loses its diverged writes");
+        }
+        Response::done(format!(
+            "connecting to {}",
+            ids.iter()
+                .map(|&id| self.peer_name(id))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    }
+
+    pub(super) fn disconnect(&mut self, name: Option<&str>) -> Response {
+        let ids = match self.select_peers(name) {
+            Ok(ids) => ids,
+            Err(response) => return *response,
+        };
+        for id in &ids {
+            if let Some(state) = self.peers.get_mut(id) {
+                state.standalone = Some("disconnected by the operator".into());
+                state.set_wanted(Wanted::Off);
+                if let Some(link) = &state.link {
+                    link.send(Message::Leaving, Bytes::new());
+                    link.close("disconnected by the operator");
+                }
+            }
+        }
+        Response::done(format!(
+            "disconnected from {}",
+            ids.iter()
+                .map(|&id| self.peer_name(id))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    }
+
+    pub(super) fn verify(&mut self, name: Option<&str>, reply: oneshot::Sender<CoreReply>) {
+        let request = Request::Verify {
+            peer: name.map(str::to_owned),
+        };
+        let candidates = match self.select_peers(name) {
+            Ok(ids) => ids,
+            Err(response) => return self.answer(&request, reply, *response),
+        };
+        let peer = candidates.into_iter().find(|id| {
+            self.peers.get(id).is_some_and(|p| {
+                p.node.is_data()
+                    && p.connected()
+                    && p.sync.is_none()
+                    && p.report
+                        .as_ref()
+                        .is_some_and(|r| r.disk == DiskState::UpToDate)
+            })
+        });
+        let (Some(peer), Some(tracker), Some(volume)) =
+            (peer, self.tracker.clone(), self.volume.clone())
+        else {
+            let response = Response::refused(
+                "refused: verify needs a connected, UpToDate data peer with no resync running",
+            );
+            return self.answer(&request, reply, response);
+        };
+        if self.disk != DiskState::UpToDate {
+            return self.answer(
+                &request,
+                reply,
+                Response::refused(format!("refused: this node's disk is {}", self.disk)),
+            );
+        }
+        let data_bytes = self.data_bytes();
+        let internal = self.internal_tx.clone();
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let Some(link) = state.link.clone() else {
+            return;
+        };
+        let stats = Arc::new(SyncStats::new(data_bytes));
+        let ctx = SourceContext {
+            storage: volume.storage().clone(),
+            tracker,
+            ordering: volume.ordering().clone(),
+            rate_bytes_per_sec: 0,
+            data_bytes,
+        };
+        let session = link.session;
+        let task_stats = stats.clone();
+        let task = tokio::spawn(async move {
+            let result = resync::run_verify(link, ctx, task_stats).await;
+            let _ = internal
+                .send(Internal::VerifyDone {
+                    peer,
+                    session,
+                    result,
+                })
+                .await;
+        });
+        state.replication = ReplicationState::VerifyS;
+        state.sync = Some(SyncRun {
+            source: true,
+            mode: SyncMode::Hash,
+            streaming: true,
+            verify: true,
+            stats,
+            task: Some(task.abort_handle()),
+        });
+        tracing::info!(peer = %state.node.name, "online verify started");
+        self.verify_callers.insert(peer, reply);
+    }
+
+    pub(super) fn verify_done(&mut self, peer: u8, session: u64, result: Result<u64, SyncError>) {
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if state.link.as_ref().map(|l| l.session) != Some(session) {
+            return;
+        }
+        state.sync = None;
+        state.replication = ReplicationState::Established;
+        let name = state.node.name.clone();
+        let response = match result {
+            Ok(0) => Response::done(format!("verify with {name}: all blocks identical")),
+            Ok(blocks) => {
+                tracing::warn!(peer = %name, blocks, "verify found differing blocks; marked out of sync");
+                Response::done(format!(
+                    "verify with {name}: {blocks} block(s) ({} bytes) differ; marked out of sync — \
+                     they are resynced on the next connect (`hablk disconnect {name}; hablk connect {name}`)",
+                    blocks * 4096
+                ))
+            }
+            Err(e) => Response::failed(format!("verify with {name} failed: {e}")),
+        };
+        if let Some(caller) = self.verify_callers.remove(&peer) {
+            self.answer(&Request::Verify { peer: Some(name) }, caller, response);
+        }
+    }
+
+    pub(super) fn invalidate(&mut self) -> Response {
+        if self.role == Role::Primary {
+            return Response::refused(
+                "refused: a Primary cannot invalidate its own data; demote it first",
+            );
+        }
+        let Some(tracker) = self.tracker.clone() else {
+            return Response::refused("refused: a witness has no data to invalidate");
+        };
+        let source = self.peers.values().find(|p| {
+            p.node.is_data()
+                && p.connected()
+                && p.report
+                    .as_ref()
+                    .is_some_and(|r| r.disk == DiskState::UpToDate)
+        });
+        let Some(source) = source else {
+            return Response::refused(
+                "refused: invalidate needs a connected UpToDate peer to resync from",
+            );
+        };
+        let source_name = source.node.name.clone();
+        let data_blocks = self.data_bytes().div_ceil(4096);
+        let ids: Vec<u8> = self.peers.keys().copied().collect();
+        for id in ids {
+            tracker.with_bitmap(id, |b| b.set_range(0..data_blocks));
+            if let Some(state) = self.peers.get_mut(&id) {
+                if let Some(run) = state.sync.take() {
+                    if let Some(task) = run.task {
+                        task.abort();
+                    }
+                }
+            }
+        }
+        if let Err(e) = self.meta.update(|sb| {
+            sb.disk = StoredDisk::Inconsistent;
+            sb.flags.needs_full_sync = true;
+        }) {
+            return Response::failed(format!("cannot record the invalidation: {e}"));
+        }
+        self.disk = DiskState::Inconsistent;
+        self.send_reports();
+        Response::done(format!(
+            "{} invalidated: resyncing everything from {source_name} (only differing blocks cross); \
+             `hablk wait-sync` waits for it",
+            self.me.name
+        ))
+    }
+
+    pub(super) fn skip_initial_sync(&mut self, reply: oneshot::Sender<CoreReply>) {
+        let request = Request::SkipInitialSync;
+        let sb = self.meta.superblock();
+        if !self.me.is_data() {
+            return self.answer(
+                &request,
+                reply,
+                Response::refused("refused: run skip-initial-sync on a data node"),
+            );
+        }
+        if sb.lineage.current != Generation::INITIAL {
+            return self.answer(&request, reply, Response::refused("refused: this node is past its first generation; skip-initial-sync is only for a new cluster"));
+        }
+        let mut waiting = Vec::new();
+        for peer in self.peers.values().filter(|p| p.node.is_data()) {
+            match &peer.report {
+                Some(report) if peer.connected() && report.lineage.current == 0 => {
+                    waiting.push(peer.node.id)
+                }
+                Some(_) if peer.connected() => {
+                    let response = Response::refused(format!(
+                        "refused: {} is past its first generation",
+                        peer.node.name
+                    ));
+                    return self.answer(&request, reply, response);
+                }
+                _ => {
+                    let response = Response::refused(format!(
+                        "refused: skip-initial-sync needs every data node connected; {} is not",
+                        peer.node.name
+                    ));
+                    return self.answer(&request, reply, response);
+                }
+            }
+        }
+        let generation = Generation::random();
+        let token = self.next_token;
+        self.next_token += 1;
+        for id in &waiting {
+            if let Some(link) = self.peers.get(id).and_then(|p| p.link.clone()) {
+                link.send(
+                    Message::SkipSync {
+                        generation: generation.0,
+                        token,
+                    },
+                    Bytes::new(),
+                );
+            }
+        }
+        self.skip_sync = Some(SkipSync {
+            token,
+            generation,
+            waiting,
+            caller: reply,
+        });
+        self.maybe_finish_skip_sync();
+    }
+
+    /// Takes `generation` as UpToDate data with nothing out of sync.
+    fn adopt_skipped_sync(&mut self, generation: Generation) -> Result<(), String> {
+        if let Some(tracker) = &self.tracker {
+            for id in self.peers.keys() {
+                tracker.with_bitmap(*id, |b| b.clear_all());
+            }
+        }
+        let data_size = self.meta.superblock().data_size_bytes;
+        let size = match (data_size, self.config.resource.size_bytes) {
+            (0, Some(size)) => size,
+            (0, None) => self.meta.superblock().layout.data_capacity_bytes,
+            (fixed, _) => fixed,
+        };
+        let size = size - size % crate::config::DATA_BLOCK_BYTES;
+        self.meta
+            .update(|sb| {
+                sb.lineage.advance(generation);
+                sb.known = generation;
+                sb.disk = StoredDisk::UpToDate;
+                sb.flags.needs_full_sync = false;
+                sb.data_size_bytes = size;
+                for slot in sb.peer_slots.iter_mut().filter(|s| s.node_id.is_some()) {
+                    slot.tracking = Some(generation);
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        self.disk = DiskState::UpToDate;
+        Ok(())
+    }
+
+    fn on_skip_sync(&mut self, peer: u8, generation: Generation, token: u64) {
+        let ok = self.meta.superblock().lineage.current == Generation::INITIAL
+            && self.role != Role::Primary;
+        let ok = ok
+            && match self.adopt_skipped_sync(generation) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot apply skip-initial-sync");
+                    false
+                }
+            };
+        tracing::info!(peer = %self.peer_name(peer), ok, "skip-initial-sync from peer");
+        if let Some(link) = self.peers.get(&peer).and_then(|p| p.link.clone()) {
+            link.send(Message::SkipSyncDone { token, ok }, Bytes::new());
+        }
+        self.send_reports();
+    }
+
+    fn on_skip_sync_done(&mut self, peer: u8, token: u64, ok: bool) {
+        let Some(skip) = &mut self.skip_sync else {
+            return;
+        };
+        if skip.token != token {
+            return;
+        }
+        if !ok {
+            if let Some(skip) = self.skip_sync.take() {
+                let response = Response::failed(format!(
+                    "skip-initial-sync refused by {}",
+                    self.peer_name(peer)
+                ));
+                self.answer(&Request::SkipInitialSync, skip.caller, response);
+            }
+            return;
+        }
+        skip.waiting.retain(|&p| p != peer);
+        self.maybe_finish_skip_sync();
+    }
+
+    fn maybe_finish_skip_sync(&mut self) {
+        if !self
+            .skip_sync
+            .as_ref()
+            .is_some_and(|s| s.waiting.is_empty())
+        {
+            return;
+        }
+        let Some(skip) = self.skip_sync.take() else {
+            return;
+        };
+        let response = match self.adopt_skipped_sync(skip.generation) {
+            Ok(()) => Response::done(format!(
+                "all data nodes UpToDate in generation {} without a sync",
+                skip.generation
+            )),
+            Err(e) => Response::failed(format!("cannot apply skip-initial-sync here: {e}")),
+        };
+        self.send_reports();
+        self.answer(&Request::SkipInitialSync, skip.caller, response);
+    }
+}
