@@ -18,9 +18,10 @@ use std::sync::atomic::AtomicBool;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::cluster::core::{Core, CoreParts};
+use crate::cluster::core::{Core, CoreParts, Internal};
+use crate::cluster::lease::Lease;
 use crate::config::{Config, ConfigError, NodeKind};
-use crate::control::protocol::Response;
+use crate::control::protocol::{ExitCode, Response};
 use crate::control::server::{ControlError, ControlServer, CoreReply, CONTROL_QUEUE};
 use crate::meta::tracker::Tracker;
 use crate::meta::{MetaError, MetaStore};
@@ -76,12 +77,15 @@ fn set_io_flusher() {
     }
 }
 
-/// The export policy of a node: only a Primary exports.
+/// The export policy of a node: only a Primary exports; with
+/// `auto-promote`, a client attaching to a Secondary asks for promotion.
 #[derive(Debug)]
 struct NodeExport {
     name: String,
     node: String,
     volume: Arc<Volume>,
+    auto_promote: bool,
+    core: mpsc::Sender<Internal>,
 }
 
 impl ExportPolicy for NodeExport {
@@ -98,7 +102,26 @@ impl ExportPolicy for NodeExport {
     }
 
     async fn attach(&self) -> Result<ExportInfo, String> {
-        self.volume.export()
+        match self.volume.export() {
+            Err(_) if self.auto_promote => {}
+            verdict => return verdict,
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if self
+            .core
+            .send(Internal::AutoPromote { reply })
+            .await
+            .is_err()
+        {
+            return Err(format!("{} is stopping on {}", self.name, self.node));
+        }
+        match answer.await {
+            Ok(CoreReply::Response(response)) if response.exit == ExitCode::Done => {
+                self.volume.export()
+            }
+            Ok(CoreReply::Response(response)) => Err(response.message.unwrap_or_default()),
+            _ => Err(format!("{} is stopping on {}", self.name, self.node)),
+        }
     }
 }
 
@@ -114,7 +137,8 @@ pub async fn up(config: Config, node_name: &str) -> Result<(), DaemonError> {
         let clients = Arc::new(Clients::default());
         let mut tasks = Vec::new();
         let disk_failed = Arc::new(AtomicBool::new(false));
-        let (volume, tracker) = match &me.kind {
+        let lease = Arc::new(Lease::new(config.resource.ping_timeout));
+        let (volume, tracker, nbd_listener) = match &me.kind {
             NodeKind::Data { disk, nbd } => {
                 let superblock = meta.superblock().clone();
                 let storage = Arc::new(Storage::open(
@@ -137,6 +161,7 @@ pub async fn up(config: Config, node_name: &str) -> Result<(), DaemonError> {
                         data_nodes,
                         storage,
                         tracker: tracker.clone(),
+                        lease: lease.clone(),
                     },
                     gate,
                 ));
@@ -144,17 +169,10 @@ pub async fn up(config: Config, node_name: &str) -> Result<(), DaemonError> {
                     listen: nbd.to_string(),
                     source,
                 })?;
-                let policy = Arc::new(NodeExport {
-                    name: config.resource.name.clone(),
-                    node: me.name.clone(),
-                    volume: volume.clone(),
-                });
-                let server = NbdServer::new(volume.clone(), policy, clients.clone());
-                tasks.push(tokio::spawn(server.run(listener).in_current_span()));
                 tracing::info!(listen = %nbd, disk = %disk.display(), "serving NBD");
-                (Some(volume), Some(tracker))
+                (Some(volume), Some(tracker), Some(listener))
             }
-            NodeKind::Witness => (None, None),
+            NodeKind::Witness => (None, None, None),
         };
         let (established_tx, established) = mpsc::channel(ESTABLISHED_QUEUE);
         let mut wanted = BTreeMap::new();
@@ -192,14 +210,26 @@ pub async fn up(config: Config, node_name: &str) -> Result<(), DaemonError> {
             config: config.clone(),
             me: me.clone(),
             meta,
-            volume,
+            volume: volume.clone(),
             tracker: tracker.clone(),
-            clients,
+            clients: clients.clone(),
             calls,
             established,
             wanted,
             disk_failed,
+            lease,
         });
+        if let (Some(volume), Some(listener)) = (volume, nbd_listener) {
+            let policy = Arc::new(NodeExport {
+                name: config.resource.name.clone(),
+                node: me.name.clone(),
+                volume: volume.clone(),
+                auto_promote: config.resource.auto_promote,
+                core: core.internal_sender(),
+            });
+            let server = NbdServer::new(volume, policy, clients.clone());
+            tasks.push(tokio::spawn(server.run(listener).in_current_span()));
+        }
         let stopped = core.run().await;
         for task in &tasks {
             task.abort();

@@ -25,6 +25,7 @@ use bytes::{Bytes, BytesMut};
 use thiserror::Error;
 use tokio::sync::watch;
 
+use crate::cluster::lease::Lease;
 use crate::config::Protocol;
 use crate::meta::activity_log::AL_EXTENT_BYTES;
 use crate::meta::tracker::Tracker;
@@ -37,6 +38,8 @@ use crate::storage::Storage;
 /// TRIM and WRITE_ZEROES are split into pieces of at most this many bytes,
 /// so one request never pins more of the activity log than this.
 pub const MAX_ZEROES_PIECE_BYTES: u64 = 16 * AL_EXTENT_BYTES;
+/// How often a request held for a lapsed lease looks at the gate again.
+const LEASE_RECHECK: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Why the gate refuses I/O, mapped to the NBD error a client sees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +102,8 @@ pub struct Volume {
     /// Whether every peer that gets our writes can zero fast too.
     peers_zero_fast: std::sync::atomic::AtomicBool,
     gate: watch::Sender<Gate>,
+    /// Without a current lease the Primary serves no I/O (no stale reads).
+    lease: Arc<Lease>,
 }
 
 /// The pieces a volume is made of.
@@ -110,6 +115,7 @@ pub struct VolumeParts {
     pub data_nodes: u32,
     pub storage: Arc<Storage>,
     pub tracker: Arc<Tracker>,
+    pub lease: Arc<Lease>,
 }
 
 /// Acknowledgements owed by peers for one replicated request.
@@ -131,6 +137,7 @@ impl Volume {
             targets: ArcSwap::from_pointee(Vec::new()),
             peers_zero_fast: std::sync::atomic::AtomicBool::new(true),
             gate: watch::Sender::new(gate),
+            lease: parts.lease,
         }
     }
 
@@ -186,24 +193,30 @@ impl Volume {
         }
     }
 
-    /// Waits while the gate holds I/O; fails if it is closed.
+    /// Waits while the gate holds I/O (or the lease has lapsed); fails if
+    /// the gate is closed.
     async fn admit(&self) -> Result<(), VolumeError> {
-        if matches!(*self.gate.borrow(), Gate::Open { .. }) {
+        if matches!(*self.gate.borrow(), Gate::Open { .. }) && self.lease.valid() {
             return Ok(());
         }
         let mut gate = self.gate.subscribe();
         loop {
-            match &*gate.borrow_and_update() {
-                Gate::Open { .. } => return Ok(()),
+            let lease_lapsed = match &*gate.borrow_and_update() {
+                Gate::Open { .. } if self.lease.valid() => return Ok(()),
+                Gate::Open { .. } => true,
+                Gate::Held { .. } => false,
                 Gate::Closed { refusal, reason } => {
                     return Err(VolumeError::Refused {
                         refusal: *refusal,
                         reason: reason.clone(),
                     })
                 }
-                Gate::Held { .. } => {}
-            }
-            if gate.changed().await.is_err() {
+            };
+            if lease_lapsed {
+                // Hold until the lease is renewed or the core decides
+                // (quorum loss), then look again.
+                self.lease.wait_valid(LEASE_RECHECK).await;
+            } else if gate.changed().await.is_err() {
                 return Err(VolumeError::Refused {
                     refusal: Refusal::ShuttingDown,
                     reason: "the volume is gone".into(),
@@ -213,8 +226,10 @@ impl Volume {
     }
 
     /// Before acknowledging a write: wait while the gate holds (a new
-    /// generation is being recorded); fail if quorum was lost meanwhile.
-    /// A demotion does not fail writes already in flight.
+    /// generation is being recorded, or I/O is suspended). If the gate then
+    /// closes — quorum lost, or a newer generation made this node step
+    /// down — the write cannot be acknowledged: EIO. A demotion does not
+    /// fail writes already in flight.
     async fn settle(&self) -> Result<(), VolumeError> {
         if matches!(*self.gate.borrow(), Gate::Open { .. }) {
             return Ok(());
@@ -224,15 +239,16 @@ impl Volume {
             match &*gate.borrow_and_update() {
                 Gate::Held { .. } => {}
                 Gate::Closed {
-                    refusal: Refusal::NoQuorum,
-                    reason,
-                } => {
+                    refusal: Refusal::ShuttingDown,
+                    ..
+                }
+                | Gate::Open { .. } => return Ok(()),
+                Gate::Closed { reason, .. } => {
                     return Err(VolumeError::Refused {
                         refusal: Refusal::NoQuorum,
                         reason: reason.clone(),
                     })
                 }
-                _ => return Ok(()),
             }
             if gate.changed().await.is_err() {
                 return Ok(());

@@ -26,8 +26,9 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::generation::{Generation, Lineage};
+use super::lease::Lease;
 use super::peers::PeerState;
-use super::promotion::{self, PromotionInput};
+use super::promotion;
 use super::state::{DiskState, Role};
 use crate::config::{Config, Node, QuorumMode};
 use crate::control::events::{ObjectKey, ObjectKind, ObjectTracker};
@@ -43,8 +44,13 @@ use crate::replication::session::{PeerEvent, SessionConfig, CORE_EVENT_QUEUE};
 use crate::replication::wire::{Message, NodeReport, WireLineage};
 use crate::volume::{Gate, Refusal, Volume};
 
-/// How often the core flushes changed bitmap pages and checks timers.
-pub const TICK: Duration = Duration::from_millis(500);
+/// How often the core checks its timers (promotion retries, generation
+/// deadlines, auto-demotion).
+pub const TICK: Duration = Duration::from_millis(20);
+/// An auto-promoted Primary demotes this long after its last client left.
+pub const AUTO_DEMOTE_DELAY: Duration = Duration::from_secs(1);
+/// Changed bitmap pages are written every this many ticks.
+const BITMAP_FLUSH_TICKS: u64 = 50;
 /// Background steps report through a small queue.
 const INTERNAL_QUEUE: usize = 64;
 
@@ -65,6 +71,8 @@ pub enum Internal {
         session: u64,
         result: Result<u64, SyncError>,
     },
+    /// An NBD client wants to attach to a Secondary with auto-promote.
+    AutoPromote { reply: oneshot::Sender<CoreReply> },
 }
 
 /// Everything the core reacts to.
@@ -81,10 +89,28 @@ pub enum Action {
 
 /// A demotion under way.
 #[derive(Debug)]
-struct Demotion {
-    waiting: Vec<oneshot::Sender<CoreReply>>,
-    stop: bool,
-    stop_reply: Option<oneshot::Sender<CoreReply>>,
+pub(super) struct Demotion {
+    pub waiting: Vec<oneshot::Sender<CoreReply>>,
+    pub stop: bool,
+    pub stop_reply: Option<oneshot::Sender<CoreReply>>,
+}
+
+/// A promotion under way (asking every node afresh, waiting out leases).
+#[derive(Debug)]
+pub(super) struct Promotion {
+    pub token: u64,
+    pub force: bool,
+    pub override_quorum: bool,
+    pub callers: Vec<oneshot::Sender<CoreReply>>,
+    /// Peers asked and not yet answered.
+    pub waiting: Vec<u8>,
+    /// The longest lease wait any voter reported.
+    pub lease_wait_ms: u64,
+    pub started: tokio::time::Instant,
+    /// When to ask again (rule (b) retry, lease wait).
+    pub retry_at: Option<tokio::time::Instant>,
+    /// Asked for by an attaching NBD client (auto-promote).
+    pub auto: bool,
 }
 
 /// A new generation being recorded on the connected voters.
@@ -92,6 +118,10 @@ struct Demotion {
 pub(super) struct GenerationChange {
     pub token: u64,
     pub generation: Generation,
+    /// The lineage before it: restored if the record fails.
+    pub previous: Lineage,
+    /// Voters asked.
+    pub asked: usize,
     /// Voters asked and not yet answered.
     pub waiting: Vec<u8>,
     /// Voters that accepted (this node included).
@@ -132,6 +162,7 @@ pub struct CoreParts {
     /// Per peer: what the dialer should do.
     pub wanted: BTreeMap<u8, watch::Sender<crate::replication::connector::Wanted>>,
     pub disk_failed: Arc<AtomicBool>,
+    pub lease: Arc<Lease>,
 }
 
 /// The cluster core of one node.
@@ -158,13 +189,27 @@ pub struct Core {
     pub(super) role: Role,
     pub(super) disk: DiskState,
     pub(super) peers: BTreeMap<u8, PeerState>,
-    demotion: Option<Demotion>,
+    pub(super) demotion: Option<Demotion>,
+    pub(super) promotion: Option<Promotion>,
     pub(super) generation_change: Option<GenerationChange>,
+    pub(super) lease: Arc<Lease>,
+    /// As a voter: back no new Primary before this time (lease wait).
+    pub(super) lease_hold_until: u64,
+    /// Promoted with --override-quorum and quorum has not come back.
+    pub(super) quorum_overridden: bool,
+    /// The Primary applied its no-quorum policy.
+    pub(super) no_quorum: bool,
+    /// The Primary must record a new generation before acknowledging.
+    pub(super) needs_generation: bool,
+    /// Promoted by an NBD client attaching (auto-promote).
+    pub(super) auto_promoted: bool,
+    /// When to demote after the last auto-promote client left.
+    pub(super) auto_demote_at: Option<tokio::time::Instant>,
+    ticks: u64,
     pub(super) skip_sync: Option<SkipSync>,
     pub(super) next_token: u64,
     /// `verify` callers by peer.
     pub(super) verify_callers: BTreeMap<u8, oneshot::Sender<CoreReply>>,
-    flushing_bitmaps: bool,
     objects: ObjectTracker,
 }
 
@@ -195,6 +240,7 @@ impl Core {
             .ok();
         let data_nodes = parts.config.data_nodes().fold(0u32, |m, n| m | (1 << n.id));
         let session_config = SessionConfig {
+            lease: parts.lease.clone(),
             me: parts.me.id,
             protocol: parts.config.resource.protocol,
             ping_timeout: parts.config.resource.ping_timeout,
@@ -240,11 +286,19 @@ impl Core {
             disk,
             peers,
             demotion: None,
+            promotion: None,
             generation_change: None,
+            lease: parts.lease,
+            lease_hold_until: 0,
+            quorum_overridden: false,
+            no_quorum: false,
+            needs_generation: false,
+            auto_promoted: false,
+            auto_demote_at: None,
+            ticks: 0,
             skip_sync: None,
             next_token: 1,
             verify_callers: BTreeMap::new(),
-            flushing_bitmaps: false,
             objects,
         };
         core.close_gate(Refusal::NotPrimary);
@@ -257,6 +311,8 @@ impl Core {
         loop {
             let action = self.select().await;
             let stopped = self.apply(action);
+            self.check_quorum();
+            self.refresh_lease();
             self.publish();
             if let Some(stopped) = stopped {
                 self.shutdown_peers();
@@ -282,7 +338,10 @@ impl Core {
     pub fn apply(&mut self, action: Action) -> Option<Stopped> {
         match action {
             Action::Call(call) => self.call(call),
-            Action::ClientsChanged(_) => None,
+            Action::ClientsChanged(attached) => {
+                self.clients_changed(attached);
+                None
+            }
             Action::Internal(Internal::Drained(result)) => self.finish_demotion(result),
             Action::Internal(Internal::SyncDone {
                 peer,
@@ -298,6 +357,10 @@ impl Core {
                 result,
             }) => {
                 self.verify_done(peer, session, result);
+                None
+            }
+            Action::Internal(Internal::AutoPromote { reply }) => {
+                self.auto_promote(reply);
                 None
             }
             Action::Established(established) => {
@@ -323,6 +386,9 @@ impl Core {
     }
 
     fn on_tick(&mut self) {
+        self.ticks += 1;
+        self.promotion_tick();
+        self.auto_demote_tick();
         if let Some(change) = &self.generation_change {
             if tokio::time::Instant::now() >= change.deadline {
                 let waiting = change.waiting.clone();
@@ -335,14 +401,58 @@ impl Core {
                 }
             }
         }
-        if let Some(tracker) = &self.tracker {
-            if !self.flushing_bitmaps {
-                let tracker = tracker.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = tracker.flush().await {
-                        tracing::error!(error = %e, "cannot write bitmap pages");
-                    }
-                });
+        if let Some(tracker) = &self
+            .tracker
+            .as_ref()
+            .filter(|_| self.ticks % BITMAP_FLUSH_TICKS == 0)
+        {
+            let tracker = (*tracker).clone();
+            tokio::spawn(async move {
+                if let Err(e) = tracker.flush().await {
+                    tracing::error!(error = %e, "cannot write bitmap pages");
+                }
+            });
+        }
+    }
+
+    /// The sender the NBD export policy uses to ask for auto-promotion.
+    pub fn internal_sender(&self) -> mpsc::Sender<Internal> {
+        self.internal_tx.clone()
+    }
+
+    fn auto_promote(&mut self, reply: oneshot::Sender<CoreReply>) {
+        if !self.config.resource.auto_promote {
+            let _ = reply.send(CoreReply::Response(Response::refused(format!(
+                "{} is Secondary on {} and auto-promote is off",
+                self.config.resource.name, self.me.name
+            ))));
+            return;
+        }
+        if self.role == Role::Primary && self.generation_change.is_none() {
+            let _ = reply.send(CoreReply::Response(Response::done("already Primary")));
+            return;
+        }
+        tracing::info!("auto-promote: an NBD client is attaching");
+        self.promote(false, false, reply);
+        if let Some(promotion) = &mut self.promotion {
+            promotion.auto = true;
+        }
+    }
+
+    fn clients_changed(&mut self, attached: usize) {
+        self.auto_demote_at = (attached == 0 && self.auto_promoted && self.role == Role::Primary)
+            .then(|| tokio::time::Instant::now() + AUTO_DEMOTE_DELAY);
+    }
+
+    fn auto_demote_tick(&mut self) {
+        let due = self
+            .auto_demote_at
+            .is_some_and(|at| tokio::time::Instant::now() >= at);
+        if due {
+            self.auto_demote_at = None;
+            if self.auto_promoted && self.role == Role::Primary && self.clients.count() == 0 {
+                tracing::info!("auto-promote: the last NBD client left; demoting");
+                self.begin_demotion(false, None, false);
             }
         }
     }
@@ -482,413 +592,6 @@ impl Core {
         }
     }
 
-    fn promote(&mut self, force: bool, override_quorum: bool, reply: oneshot::Sender<CoreReply>) {
-        let request = Request::Primary {
-            force,
-            override_quorum,
-        };
-        if self.role == Role::Primary && self.demotion.is_none() {
-            if let Some(change) = &mut self.generation_change {
-                change.callers.push(reply);
-                return;
-            }
-            self.answer(
-                &request,
-                reply,
-                Response::done(format!("{} is already Primary", self.me.name)),
-            );
-            return;
-        }
-        if self.demotion.is_some() {
-            let response = Response::refused(format!(
-                "refused: {} is being demoted; wait for it to finish",
-                self.me.name
-            ));
-            self.answer(&request, reply, response);
-            return;
-        }
-        let Some(volume) = self.volume.clone() else {
-            let response = Response::refused(format!(
-                "refused: {} is a witness (no disk) and can never be Primary",
-                self.me.name
-            ));
-            self.answer(&request, reply, response);
-            return;
-        };
-        if self.disk_failed.load(std::sync::atomic::Ordering::Relaxed) {
-            self.answer(
-                &request,
-                reply,
-                Response::refused(format!("refused: {}'s disk has failed", self.me.name)),
-            );
-            return;
-        }
-        let seen = self.voters_seen();
-        let seen_refs: Vec<&str> = seen.iter().map(String::as_str).collect();
-        let primary_seen = self.primary_seen();
-        let newer = self.newer_generation_seen();
-        let input = PromotionInput {
-            quorum_mode: self.config.resource.quorum,
-            voters_total: self.config.nodes.len(),
-            voters_seen: &seen_refs,
-            override_quorum,
-            force,
-            disk: self.disk,
-            primary_seen: primary_seen.as_ref().map(|(a, b)| (a.as_str(), b.as_str())),
-            newer_generation_seen: newer.as_deref(),
-        };
-        if let Err(refusal) = promotion::check(&input) {
-            self.answer(&request, reply, Response::refused(refusal.to_string()));
-            return;
-        }
-        if force {
-            if let Some(who) = self.forced_promotion_blocker() {
-                let response = Response::refused(format!(
-                    "refused: {who} has UpToDate or newer data; `primary --force` only accepts local \
-                     data when no visible node has better"
-                ));
-                self.answer(&request, reply, response);
-                return;
-            }
-        }
-        let sb = self.meta.superblock();
-        let capacity = sb.layout.data_capacity_bytes;
-        let peer_size = self
-            .peers
-            .values()
-            .filter_map(|p| p.report.as_ref().map(|r| r.data_size_bytes))
-            .find(|&s| s > 0);
-        let size_bytes = match (
-            sb.data_size_bytes,
-            self.config.resource.size_bytes,
-            peer_size,
-        ) {
-            (0, Some(wanted), _) if wanted > capacity => {
-                let response = Response::failed(format!(
-                    "size {wanted} in {} is larger than {}'s usable disk ({capacity} bytes)",
-                    self.config.path.display(),
-                    self.me.name
-                ));
-                self.answer(&request, reply, response);
-                return;
-            }
-            (0, Some(wanted), _) => wanted,
-            (0, None, Some(size)) => size,
-            (0, None, None) => self.smallest_capacity(capacity),
-            (fixed, _, _) => fixed,
-        };
-        if let Err(e) = self.meta.update(|sb| {
-            sb.disk = StoredDisk::UpToDate;
-            sb.flags.primary_crashed = true;
-            sb.data_size_bytes = size_bytes;
-            if force {
-                sb.flags.needs_full_sync = false;
-            }
-        }) {
-            self.answer(
-                &request,
-                reply,
-                Response::failed(format!("cannot record the promotion: {e}")),
-            );
-            return;
-        }
-        self.disk = DiskState::UpToDate;
-        self.role = Role::Primary;
-        if override_quorum && self.config.resource.quorum == QuorumMode::Majority {
-            tracing::warn!("PROMOTED WITHOUT QUORUM (--override-quorum): split-brain is possible");
-        }
-        volume.set_gate(Gate::Held {
-            size_bytes,
-            reason: "recording the new generation".into(),
-        });
-        let how = if override_quorum {
-            " (--override-quorum)"
-        } else if force {
-            " (--force: local data accepted as current)"
-        } else {
-            ""
-        };
-        self.start_generation(format!("promotion{how}"), vec![reply]);
-        self.send_reports();
-        self.re_evaluate_all();
-    }
-
-    /// Smallest usable disk among this node and the data peers it sees.
-    fn smallest_capacity(&self, mine: u64) -> u64 {
-        let smallest = self
-            .peers
-            .values()
-            .filter(|p| p.node.is_data())
-            .filter_map(|p| p.report.as_ref().map(|r| r.capacity_bytes))
-            .fold(mine, u64::min);
-        smallest - smallest % crate::config::DATA_BLOCK_BYTES
-    }
-
-    /// A visible node that knows a newer generation than our data's.
-    fn newer_generation_seen(&self) -> Option<String> {
-        let sb = self.meta.superblock();
-        let mine = &sb.lineage;
-        if sb.known != mine.current && !mine.history.contains(&sb.known) {
-            return Some(self.me.name.clone());
-        }
-        for peer in self.peers.values() {
-            let Some(report) = &peer.report else { continue };
-            let theirs: Lineage = (&report.lineage).into();
-            let known = Generation(report.known);
-            let knows_newer = !mine.contains(known)
-                || mine.relation_to(&theirs) == super::generation::Relation::Older;
-            if knows_newer {
-                return Some(peer.node.name.clone());
-            }
-        }
-        None
-    }
-
-    /// For `--force`: a visible data node that is UpToDate or has newer data.
-    fn forced_promotion_blocker(&self) -> Option<String> {
-        let mine = &self.meta.superblock().lineage;
-        self.peers.values().find_map(|peer| {
-            let report = peer.report.as_ref()?;
-            if !peer.node.is_data() {
-                return None;
-            }
-            let theirs: Lineage = (&report.lineage).into();
-            let newer = mine.relation_to(&theirs) == super::generation::Relation::Older;
-            (report.disk == DiskState::UpToDate || newer).then(|| peer.node.name.clone())
-        })
-    }
-
-    /// Starts a new generation: durable here first, then recorded on every
-    /// connected voter. Writes are held until it is recorded.
-    pub(super) fn start_generation(
-        &mut self,
-        reason: String,
-        callers: Vec<oneshot::Sender<CoreReply>>,
-    ) {
-        let generation = Generation::random();
-        let previous = self.meta.superblock().lineage.current;
-        if let Err(e) = self.meta.update(|sb| {
-            sb.lineage.advance(generation);
-            sb.known = generation;
-        }) {
-            tracing::error!(error = %e, "cannot record a new generation");
-            for caller in callers {
-                self.answer(
-                    &Request::Primary {
-                        force: false,
-                        override_quorum: false,
-                    },
-                    caller,
-                    Response::failed(format!("cannot record the new generation: {e}")),
-                );
-            }
-            return;
-        }
-        tracing::info!(%generation, %previous, reason = %reason, "new generation");
-        if let (Some(volume), Role::Primary) = (&self.volume, self.role) {
-            let size_bytes = self.meta.superblock().data_size_bytes;
-            volume.set_gate(Gate::Held {
-                size_bytes,
-                reason: "recording a new generation".into(),
-            });
-        }
-        let token = self.next_token;
-        self.next_token += 1;
-        let lineage = WireLineage::from(&self.meta.superblock().lineage);
-        let mut waiting = Vec::new();
-        for peer in self.peers.values() {
-            if let Some(link) = &peer.link {
-                if link.send(
-                    Message::NewGeneration {
-                        lineage: lineage.clone(),
-                        token,
-                    },
-                    bytes::Bytes::new(),
-                ) {
-                    waiting.push(peer.node.id);
-                }
-            }
-        }
-        // Callers of an earlier, unfinished change are answered by this one.
-        let mut callers = callers;
-        if let Some(old) = self.generation_change.take() {
-            callers.extend(old.callers);
-        }
-        self.generation_change = Some(GenerationChange {
-            token,
-            generation,
-            waiting,
-            accepted: vec![self.me.id],
-            reason,
-            callers,
-            deadline: tokio::time::Instant::now() + self.config.resource.ping_timeout * 2,
-        });
-        self.maybe_finish_generation();
-    }
-
-    /// A voter answered (or was lost).
-    pub(super) fn generation_answer(&mut self, peer: u8, accepted: bool) {
-        let Some(change) = &mut self.generation_change else {
-            return;
-        };
-        let before = change.waiting.len();
-        change.waiting.retain(|&p| p != peer);
-        if change.waiting.len() != before && accepted {
-            change.accepted.push(peer);
-        }
-        self.maybe_finish_generation();
-    }
-
-    fn maybe_finish_generation(&mut self) {
-        let Some(change) = &self.generation_change else {
-            return;
-        };
-        if !change.waiting.is_empty() {
-            return;
-        }
-        let Some(change) = self.generation_change.take() else {
-            return;
-        };
-        let accepted: Vec<String> = change
-            .accepted
-            .iter()
-            .map(|&id| self.peer_name(id))
-            .collect();
-        tracing::info!(generation = %change.generation, recorded_on = %accepted.join(","), reason = %change.reason, "generation recorded");
-        if self.role == Role::Primary {
-            self.open_gate();
-        }
-        let response = Response::done(format!(
-            "{} is Primary in generation {} (recorded on {})",
-            self.me.name,
-            change.generation,
-            accepted.join(", ")
-        ));
-        for caller in change.callers {
-            self.answer(
-                &Request::Primary {
-                    force: false,
-                    override_quorum: false,
-                },
-                caller,
-                response.clone(),
-            );
-        }
-    }
-
-    pub(super) fn open_gate(&self) {
-        if let Some(volume) = &self.volume {
-            let size_bytes = self.meta.superblock().data_size_bytes;
-            volume.set_gate(Gate::Open { size_bytes });
-        }
-    }
-
-    fn begin_demotion(
-        &mut self,
-        force: bool,
-        reply: Option<oneshot::Sender<CoreReply>>,
-        stop: bool,
-    ) {
-        if force {
-            self.clients.disconnect_all();
-        }
-        if let Some(demotion) = &mut self.demotion {
-            demotion.stop |= stop;
-            match reply {
-                Some(reply) if stop && demotion.stop_reply.is_none() => {
-                    demotion.stop_reply = Some(reply)
-                }
-                Some(reply) => demotion.waiting.push(reply),
-                None => {}
-            }
-            return;
-        }
-        self.close_gate(Refusal::ShuttingDown);
-        let (waiting, stop_reply) = match (stop, reply) {
-            (true, reply) => (Vec::new(), reply),
-            (false, reply) => (reply.into_iter().collect(), None),
-        };
-        self.demotion = Some(Demotion {
-            waiting,
-            stop,
-            stop_reply,
-        });
-        let mut clients = self.clients.subscribe();
-        let volume = self.volume.clone();
-        let done = self.internal_tx.clone();
-        tokio::spawn(async move {
-            let _ = clients.wait_for(|&attached| attached == 0).await;
-            let flushed = match volume {
-                Some(volume) => volume.flush_all().await,
-                None => Ok(()),
-            };
-            let _ = done.send(Internal::Drained(flushed)).await;
-        });
-    }
-
-    fn finish_demotion(&mut self, flushed: io::Result<()>) -> Option<Stopped> {
-        let demotion = self.demotion.take()?;
-        let response = match flushed {
-            Ok(()) => {
-                self.become_secondary("demoted");
-                if let Err(e) = self.meta.update(|sb| sb.flags.primary_crashed = false) {
-                    tracing::error!(error = %e, "cannot record the clean demotion");
-                }
-                Response::done(format!("{} is Secondary", self.me.name))
-            }
-            Err(e) => {
-                // Data the clients were told is written may not be on disk:
-                // say so loudly.
-                self.become_secondary("demoted after a failed flush");
-                Response::failed(format!(
-                    "{} is Secondary, but flushing the disk failed ({e}); check the backing disk",
-                    self.me.name
-                ))
-            }
-        };
-        for reply in demotion.waiting {
-            self.answer(
-                &Request::Secondary { force: false },
-                reply,
-                response.clone(),
-            );
-        }
-        if demotion.stop {
-            self.clients.disconnect_all();
-            return Some(Stopped {
-                reply: demotion.stop_reply,
-            });
-        }
-        None
-    }
-
-    /// Drops the Primary role (demotion, or meeting newer data).
-    pub(super) fn become_secondary(&mut self, why: &str) {
-        if self.role != Role::Primary {
-            return;
-        }
-        tracing::info!(reason = why, "becoming Secondary");
-        self.role = Role::Secondary;
-        if let Some(volume) = &self.volume {
-            volume.set_targets(Vec::new(), true);
-        }
-        for peer in self.peers.values_mut() {
-            peer.receives_writes = false;
-        }
-        self.close_gate(Refusal::NotPrimary);
-        self.send_reports();
-    }
-
-    /// Stops the node: demotes first if Primary.
-    fn stop(&mut self, force: bool, reply: Option<oneshot::Sender<CoreReply>>) -> Option<Stopped> {
-        if self.role == Role::Primary || self.demotion.is_some() {
-            self.begin_demotion(force, reply, true);
-            return None;
-        }
-        self.clients.disconnect_all();
-        Some(Stopped { reply })
-    }
-
     /// Tells peers we leave, and closes every session.
     fn shutdown_peers(&mut self) {
         for peer in self.peers.values() {
@@ -952,6 +655,16 @@ impl Core {
                 .is_some_and(|v| v.storage().can_zero_fast()),
             needs_full_sync: sb.flags.needs_full_sync,
             discard_my_data: false,
+            dirty_toward: self
+                .tracker
+                .as_ref()
+                .map(|t| {
+                    self.peers
+                        .keys()
+                        .map(|&id| (id, t.dirty_bytes(id)))
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 

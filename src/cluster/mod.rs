@@ -9,7 +9,9 @@
 
 pub mod core;
 pub mod generation;
+pub mod lease;
 mod peers;
 pub mod promotion;
+mod roles;
 pub mod state;
 pub mod sync_rules;

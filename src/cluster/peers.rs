@@ -72,6 +72,9 @@ pub(super) struct PeerState {
     /// last ended with nothing out of sync: no new exchange is needed while
     /// neither side moves on.
     pub in_sync_at: Option<Generation>,
+    /// The peer said it leaves cleanly (`down`, or demoted): losing it
+    /// needs no lease wait.
+    pub left_cleanly: bool,
     pub sync: Option<SyncRun>,
 }
 
@@ -88,6 +91,7 @@ impl PeerState {
             replication: ReplicationState::Off,
             receives_writes: false,
             in_sync_at: None,
+            left_cleanly: false,
             sync: None,
         }
     }
@@ -251,6 +255,7 @@ impl Core {
             state.replication = ReplicationState::Off;
             state.receives_writes = false;
             state.in_sync_at = None;
+            state.left_cleanly = false;
             state.sync = None;
             state.set_wanted(Wanted::Live);
         }
@@ -290,6 +295,11 @@ impl Core {
         }
         let was_target = state.receives_writes;
         let was_data = state.node.is_data();
+        let answered = state
+            .link
+            .as_ref()
+            .map_or(0, |l| l.answered_heartbeat_nanos());
+        let left_cleanly = state.left_cleanly;
         let was_primary = state
             .report
             .as_ref()
@@ -315,6 +325,12 @@ impl Core {
             ))));
         }
         self.generation_answer(peer, false);
+        self.promotion_peer_lost(peer);
+        if was_primary && !left_cleanly {
+            // Back no new Primary until the lost one's lease has surely
+            // expired.
+            self.lease_hold_from(answered);
+        }
         if let Some(skip) = &mut self.skip_sync {
             if skip.waiting.contains(&peer) {
                 if let Some(skip) = self.skip_sync.take() {
@@ -391,6 +407,27 @@ impl Core {
             }
             Message::Leaving => {
                 tracing::info!(peer = %self.peer_name(peer), "peer is leaving cleanly");
+                if let Some(state) = self.peers.get_mut(&peer) {
+                    state.left_cleanly = true;
+                }
+            }
+            Message::PromoteQuery { token } => {
+                let reply = Message::PromoteReply {
+                    token,
+                    report: self.report_for(peer),
+                    lease_wait_ms: self.lease_wait_ms(),
+                };
+                if let Some(link) = self.peers.get(&peer).and_then(|p| p.link.clone()) {
+                    link.send(reply, Bytes::new());
+                }
+            }
+            Message::PromoteReply {
+                token,
+                report,
+                lease_wait_ms,
+            } => {
+                self.on_report(peer, report);
+                self.promote_reply(peer, token, lease_wait_ms);
             }
             other => {
                 tracing::warn!(peer = %self.peer_name(peer), message = other.name(), "unexpected message; dropping the connection");
@@ -431,6 +468,13 @@ impl Core {
         let first = state.report.is_none();
         let peer_is_data = state.node.is_data();
         let old = state.report.replace(report.clone());
+        if old.as_ref().is_some_and(|o| o.role == Role::Primary) && report.role != Role::Primary {
+            // A clean demotion: its lease ended with it.
+            state.left_cleanly = true;
+        }
+        if report.role == Role::Primary {
+            state.left_cleanly = false;
+        }
         let name = state.node.name.clone();
         if first && peer_is_data && self.me.is_data() {
             let sb = self.meta.superblock();

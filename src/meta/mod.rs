@@ -123,6 +123,28 @@ fn site(node: &Node) -> Site {
     }
 }
 
+/// Writes `bytes` at `offset` and waits until they are durable, without
+/// flushing the rest of the file: internal metadata shares its file with
+/// the data, and an fdatasync would write back every dirty data page too.
+pub fn write_durable(file: &File, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+    use std::os::fd::AsFd;
+    let mut done = 0;
+    while done < bytes.len() {
+        let slices = [std::io::IoSlice::new(&bytes[done..])];
+        let n = rustix::io::pwritev2(
+            file.as_fd(),
+            &slices,
+            offset + done as u64,
+            rustix::io::ReadWriteFlags::DSYNC,
+        )?;
+        if n == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::WriteZero));
+        }
+        done += n;
+    }
+    Ok(())
+}
+
 /// Size of a regular file or block device.
 pub fn device_size(path: &Path) -> Result<u64, MetaError> {
     let mut file = File::open(path).map_err(|source| {
@@ -395,14 +417,11 @@ impl MetaStore {
     fn write_copy(&mut self, copy: u64) -> Result<(), MetaError> {
         let block = self.superblock.encode();
         let offset = self.superblock.layout.superblock_copy_offset(copy);
-        self.file
-            .write_all_at(&block, offset)
-            .and_then(|()| self.file.sync_data())
-            .map_err(|source| MetaError::Io {
-                what: "cannot write superblock to",
-                path: self.path.clone(),
-                source,
-            })
+        write_durable(&self.file, &block, offset).map_err(|source| MetaError::Io {
+            what: "cannot write superblock to",
+            path: self.path.clone(),
+            source,
+        })
     }
 }
 

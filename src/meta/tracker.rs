@@ -25,7 +25,7 @@ use super::activity_log::{extent_bytes, extents_of, AlTable, NoRoom, AL_RING_BLO
 use super::bitmap::{blocks_of, DirtyBitmap};
 use super::layout::{Layout, META_BLOCK_BYTES};
 use super::superblock::Superblock;
-use super::MetaError;
+use super::{write_durable, MetaError};
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every update below is complete before its guard drops; a poisoned
@@ -149,13 +149,14 @@ impl Tracker {
 
     fn write_al_blocking(&self, blocks: &[(u64, Vec<u8>)]) -> Result<(), MetaError> {
         for (index, block) in blocks {
-            self.file
-                .write_all_at(block, self.layout.al_offset + index * META_BLOCK_BYTES)
-                .map_err(|e| io_error("cannot write activity log of", &self.path, e))?;
+            write_durable(
+                &self.file,
+                block,
+                self.layout.al_offset + index * META_BLOCK_BYTES,
+            )
+            .map_err(|e| io_error("cannot write activity log of", &self.path, e))?;
         }
-        self.file
-            .sync_data()
-            .map_err(|e| io_error("cannot sync metadata of", &self.path, e))
+        Ok(())
     }
 
     /// Collects the changed pages of every bitmap.
@@ -183,17 +184,11 @@ impl Tracker {
     }
 
     fn write_blocking(&self, writes: &[(u64, Vec<u8>)]) -> Result<(), MetaError> {
-        if writes.is_empty() {
-            return Ok(());
-        }
         for (offset, bytes) in writes {
-            self.file
-                .write_all_at(bytes, *offset)
+            write_durable(&self.file, bytes, *offset)
                 .map_err(|e| io_error("cannot write bitmap of", &self.path, e))?;
         }
-        self.file
-            .sync_data()
-            .map_err(|e| io_error("cannot sync metadata of", &self.path, e))
+        Ok(())
     }
 
     async fn write(self: &Arc<Self>, writes: Vec<(u64, Vec<u8>)>) -> Result<(), MetaError> {

@@ -53,6 +53,10 @@ pub struct PeerLink {
     sync_replies: Mutex<Option<mpsc::UnboundedSender<Frame>>>,
     closed: CancellationToken,
     close_reason: Mutex<Option<String>>,
+    /// When the newest heartbeat the peer answered was sent (lease clock).
+    confirmed_heartbeat: AtomicU64,
+    /// When this node last answered the peer's heartbeat.
+    answered_heartbeat: AtomicU64,
 }
 
 impl PeerLink {
@@ -71,6 +75,8 @@ impl PeerLink {
                 sync_replies: Mutex::new(None),
                 closed: CancellationToken::new(),
                 close_reason: Mutex::new(None),
+                confirmed_heartbeat: AtomicU64::new(0),
+                answered_heartbeat: AtomicU64::new(0),
             },
             queue,
         )
@@ -174,6 +180,26 @@ impl PeerLink {
             Some(tx) => tx.send(frame).is_ok(),
             None => false,
         }
+    }
+
+    /// The peer answered a heartbeat sent at `sent_nanos`.
+    pub fn heartbeat_confirmed(&self, sent_nanos: u64) {
+        self.confirmed_heartbeat
+            .fetch_max(sent_nanos, AtomicOrdering::Relaxed);
+    }
+
+    pub fn confirmed_heartbeat_nanos(&self) -> u64 {
+        self.confirmed_heartbeat.load(AtomicOrdering::Relaxed)
+    }
+
+    /// This node answered the peer's heartbeat now.
+    pub fn heartbeat_answered(&self, now_nanos: u64) {
+        self.answered_heartbeat
+            .fetch_max(now_nanos, AtomicOrdering::Relaxed);
+    }
+
+    pub fn answered_heartbeat_nanos(&self) -> u64 {
+        self.answered_heartbeat.load(AtomicOrdering::Relaxed)
     }
 
     pub fn in_flight_bytes(&self) -> u64 {

@@ -36,6 +36,7 @@ use super::link::{Outgoing, PeerLink};
 use super::wire::{
     self, block_hashes, mask_bytes, mask_from_bytes, Frame, Message, BLOCK_HASH_BYTES,
 };
+use crate::cluster::lease::{now_nanos, Lease};
 use crate::config::Protocol;
 use crate::meta::bitmap::blocks_of;
 use crate::meta::tracker::Tracker;
@@ -85,7 +86,15 @@ pub struct SessionConfig {
     pub protocol: Protocol,
     pub ping_timeout: Duration,
     pub disk: Option<LocalDisk>,
+    /// Renewed whenever the peer answers a heartbeat.
+    pub lease: Arc<Lease>,
 }
+
+/// Heartbeats per ping timeout: the lease (0.8 × timeout) is renewed
+/// several times over before it could expire.
+const HEARTBEATS_PER_TIMEOUT: u32 = 5;
+/// Heartbeats whose send time is remembered until answered.
+const HEARTBEAT_MEMORY: usize = 16;
 
 /// Writes received from a Primary and not yet known complete everywhere:
 /// if the Primary is lost, they are marked out of sync toward every peer.
@@ -444,6 +453,10 @@ async fn differing_blocks(
         .collect())
 }
 
+fn config_ping_interval(config: &SessionConfig) -> Duration {
+    (config.ping_timeout / HEARTBEATS_PER_TIMEOUT).max(Duration::from_millis(10))
+}
+
 /// Runs a session until the peer goes away, the link is closed, or the
 /// peer falls silent.
 pub async fn run(
@@ -456,6 +469,7 @@ pub async fn run(
 ) {
     let _ = stream.set_nodelay(true);
     let peer = link.peer;
+    let ping_interval = config_ping_interval(&config);
     let mut session = Session {
         stream,
         rbuf: leftover,
@@ -465,8 +479,9 @@ pub async fn run(
         config,
         events: events.clone(),
         last_heard: Instant::now(),
-        ping: tokio::time::interval(Duration::from_millis(100)),
+        ping: tokio::time::interval(ping_interval),
         ping_id: 0,
+        pings_sent: VecDeque::with_capacity(HEARTBEAT_MEMORY),
         next_job: 0,
         ranges: HashMap::new(),
         all_done: HashMap::new(),
@@ -513,6 +528,8 @@ struct Session {
     last_heard: Instant,
     ping: tokio::time::Interval,
     ping_id: u64,
+    /// (heartbeat id, send time) of recent heartbeats.
+    pings_sent: VecDeque<(u64, u64)>,
     next_job: u64,
     /// Ranges being written for the peer, with the latch that frees them.
     ranges: HashMap<u64, (Range<u64>, CancellationToken)>,
@@ -549,15 +566,18 @@ impl Session {
                         silent.as_millis()
                     ));
                 }
-                if silent > self.config.ping_timeout / 4 {
-                    self.ping_id += 1;
-                    if let Err(e) = self
-                        .out
-                        .push(&Message::Ping { id: self.ping_id }, Bytes::new())
-                    {
-                        return Poll::Ready(format!("cannot encode ping: {e}"));
-                    }
+                self.ping_id += 1;
+                if self.pings_sent.len() == HEARTBEAT_MEMORY {
+                    self.pings_sent.pop_front();
                 }
+                self.pings_sent.push_back((self.ping_id, now_nanos()));
+                if let Err(e) = self
+                    .out
+                    .push(&Message::Ping { id: self.ping_id }, Bytes::new())
+                {
+                    return Poll::Ready(format!("cannot encode ping: {e}"));
+                }
+                progressed = true;
             }
             // Frames queued by the node.
             while let Poll::Ready(Some(outgoing)) = self.outbox.poll_recv(cx) {
@@ -738,11 +758,17 @@ impl Session {
         let ack_on_receipt = self.config.protocol != Protocol::C;
         match frame.message {
             Message::Ping { id } => {
+                self.link.heartbeat_answered(now_nanos());
                 if let Err(e) = self.out.push(&Message::Pong { id }, Bytes::new()) {
                     return Some(format!("cannot encode pong: {e}"));
                 }
             }
-            Message::Pong { .. } => {}
+            Message::Pong { id } => {
+                if let Some(&(_, sent)) = self.pings_sent.iter().find(|(ping, _)| *ping == id) {
+                    self.link.heartbeat_confirmed(sent);
+                    self.config.lease.renewed();
+                }
+            }
             Message::WriteAck { seq, ok } => self.link.acked(seq, ok),
             Message::BarrierAck { epoch, ok } => self.link.barrier_acked(epoch, ok),
             Message::Write {

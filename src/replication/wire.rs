@@ -61,6 +61,9 @@ pub struct NodeReport {
     pub needs_full_sync: bool,
     /// The operator chose it as the split-brain victim.
     pub discard_my_data: bool,
+    /// Bytes it has marked out of sync toward each peer (for
+    /// `after-split-brain = "discard-zero-changes"`).
+    pub dirty_toward: Vec<(u8, u64)>,
 }
 
 /// A lineage on the wire.
@@ -240,6 +243,17 @@ pub enum Message {
     },
     /// The sender leaves cleanly (`down`): no lease wait is needed.
     Leaving,
+    /// A promotion asks every connected node afresh.
+    PromoteQuery {
+        token: u64,
+    },
+    /// The answer: the node's state right now, and how long it still backs
+    /// a Primary it lost (lease wait).
+    PromoteReply {
+        token: u64,
+        report: NodeReport,
+        lease_wait_ms: u64,
+    },
 }
 
 impl Message {
@@ -274,6 +288,8 @@ impl Message {
             Message::SkipSync { .. } => "SkipSync",
             Message::SkipSyncDone { .. } => "SkipSyncDone",
             Message::Leaving => "Leaving",
+            Message::PromoteQuery { .. } => "PromoteQuery",
+            Message::PromoteReply { .. } => "PromoteReply",
         }
     }
 }
@@ -444,6 +460,7 @@ mod tests {
             fast_zero: true,
             needs_full_sync: false,
             discard_my_data: true,
+            dirty_toward: vec![(1, 4096)],
         }
     }
 
@@ -540,6 +557,12 @@ mod tests {
             },
             Message::SkipSyncDone { token: 1, ok: true },
             Message::Leaving,
+            Message::PromoteQuery { token: 3 },
+            Message::PromoteReply {
+                token: 3,
+                report: report(),
+                lease_wait_ms: 250,
+            },
         ];
         for message in messages {
             round_trip(message.clone(), b"");

@@ -1,0 +1,151 @@
+//! The Primary's lease (DESIGN.md §5 "Leases"): no stale reads.
+//!
+//! A Primary may serve I/O only while a majority of voters (itself
+//! included) has recently acknowledged its heartbeat. The lease runs from
+//! the moment the Primary *sent* the heartbeat that the last needed voter
+//! acknowledged, for 0.8 × the ping timeout. A voter, for its part, backs
+//! no new Primary until the full ping timeout has passed since it last
+//! acknowledged the old one — so the old Primary's lease has always expired
+//! before a new one can be elected, even if the old one is merely slow or
+//! cut off rather than dead.
+//!
+//! Sessions record per link when the newest answered heartbeat was sent;
+//! [`Lease::renewed`] recomputes the deadline; the I/O path only compares
+//! the clock with an atomic.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use crate::replication::link::PeerLink;
+
+/// Nanoseconds since this process's first call: a monotonic clock that fits
+/// an atomic.
+pub fn now_nanos() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// A lease lasts this fraction of the ping timeout.
+pub const LEASE_FRACTION: f64 = 0.8;
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The lease of this node (meaningful while it is Primary).
+#[derive(Debug)]
+pub struct Lease {
+    /// Off with `quorum = "off"`, an override, or a single voter.
+    enforce: AtomicBool,
+    /// Voter peers whose acknowledgement is needed (majority − 1).
+    peers_needed: AtomicUsize,
+    voters: Mutex<Vec<Arc<PeerLink>>>,
+    deadline_nanos: AtomicU64,
+    duration: Duration,
+    renewed: Notify,
+}
+
+impl Lease {
+    pub fn new(ping_timeout: Duration) -> Lease {
+        Lease {
+            enforce: AtomicBool::new(false),
+            peers_needed: AtomicUsize::new(0),
+            voters: Mutex::new(Vec::new()),
+            deadline_nanos: AtomicU64::new(0),
+            duration: ping_timeout.mul_f64(LEASE_FRACTION),
+            renewed: Notify::new(),
+        }
+    }
+
+    /// The core sets which voter links count and how many are needed.
+    pub fn configure(&self, voters: Vec<Arc<PeerLink>>, peers_needed: usize, enforce: bool) {
+        *lock(&self.voters) = voters;
+        self.peers_needed.store(peers_needed, Ordering::Relaxed);
+        self.enforce
+            .store(enforce && peers_needed > 0, Ordering::Relaxed);
+        self.renewed();
+    }
+
+    /// A heartbeat was answered: recompute the deadline.
+    pub fn renewed(&self) {
+        let needed = self.peers_needed.load(Ordering::Relaxed);
+        let mut confirmed: Vec<u64> = lock(&self.voters)
+            .iter()
+            .filter(|link| !link.is_closed())
+            .map(|link| link.confirmed_heartbeat_nanos())
+            .collect();
+        confirmed.sort_unstable_by(|a, b| b.cmp(a));
+        let deadline = match needed {
+            0 => u64::MAX,
+            n => confirmed.get(n - 1).filter(|&&t| t > 0).map_or(0, |&t| {
+                t.saturating_add(u64::try_from(self.duration.as_nanos()).unwrap_or(u64::MAX))
+            }),
+        };
+        self.deadline_nanos.store(deadline, Ordering::Relaxed);
+        self.renewed.notify_waiters();
+    }
+
+    /// Whether I/O may be served right now.
+    pub fn valid(&self) -> bool {
+        !self.enforce.load(Ordering::Relaxed)
+            || now_nanos() < self.deadline_nanos.load(Ordering::Relaxed)
+    }
+
+    /// Remaining lease time, for status.
+    pub fn remaining(&self) -> Option<Duration> {
+        if !self.enforce.load(Ordering::Relaxed) {
+            return None;
+        }
+        let left = self
+            .deadline_nanos
+            .load(Ordering::Relaxed)
+            .saturating_sub(now_nanos());
+        Some(Duration::from_nanos(left))
+    }
+
+    /// Waits until the lease is valid again, at most `max`.
+    pub async fn wait_valid(&self, max: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + max;
+        loop {
+            let renewed = self.renewed.notified();
+            if self.valid() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, renewed).await.is_err() {
+                return self.valid();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn lease_needs_a_majority_of_fresh_heartbeats() {
+        let lease = Lease::new(Duration::from_millis(500));
+        assert!(lease.valid(), "not enforced until configured");
+        let (a, _qa) = PeerLink::new(1, "a".into());
+        let (b, _qb) = PeerLink::new(2, "b".into());
+        let (a, b) = (Arc::new(a), Arc::new(b));
+        lease.configure(vec![a.clone(), b.clone()], 1, true);
+        assert!(!lease.valid(), "no heartbeat answered yet");
+        a.heartbeat_confirmed(now_nanos());
+        lease.renewed();
+        assert!(lease.valid());
+        lease.configure(vec![a.clone(), b.clone()], 2, true);
+        assert!(!lease.valid(), "two peers needed, one answered");
+        b.heartbeat_confirmed(now_nanos());
+        lease.renewed();
+        assert!(lease.valid());
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        assert!(!lease.valid(), "expires after 0.8 x ping timeout");
+        lease.configure(vec![], 0, true);
+        assert!(lease.valid(), "a single voter needs nobody");
+    }
+}

@@ -1,0 +1,785 @@
+//! Where quorum is decided and roles change: promotion, demotion, new
+//! generations, quorum loss and return (DESIGN.md §5).
+//!
+//! **Promotion** is a cluster-wide step: the candidate asks every connected
+//! node afresh (`PromoteQuery`), checks rules (a)–(d) on the answers, waits
+//! out any voter's lease wait (I/O held), retries rule (b) for up to the
+//! ping timeout (a peer may still believe in a Primary that just died), and
+//! finally records a new generation on a majority of voters. Only then does
+//! it acknowledge writes.
+//!
+//! **A new generation** is recorded by compare-and-set on each voter (a
+//! voter accepts only a generation descending from the one it knows). With
+//! a majority (itself plus every connected voter when quorum is off or
+//! overridden) it takes effect; without one it fails, the node goes back to
+//! its previous data generation and keeps the failed id in its history (so
+//! voters that did record it still accept its later generations).
+//!
+//! **Quorum loss**: a Primary without quorum stops acknowledging writes —
+//! `on-no-quorum = "io-error"` fails them with EIO, `"suspend-io"` holds
+//! them — until quorum returns and a new generation is recorded (its own
+//! generation still current), or it meets a newer one and steps down
+//! (held writes then fail with EIO).
+
+use std::io;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use super::core::{Core, Demotion, GenerationChange, Promotion, Stopped};
+use super::generation::{Generation, Lineage, Relation};
+use super::lease::now_nanos;
+use super::promotion::{self, PromotionInput, PromotionRefusal};
+use super::state::{DiskState, Role};
+use crate::config::{OnNoQuorum, QuorumMode};
+use crate::control::protocol::{Request, Response};
+use crate::control::server::CoreReply;
+use crate::meta::superblock::StoredDisk;
+use crate::replication::wire::{Message, WireLineage};
+use crate::volume::{Gate, Refusal};
+
+/// How often a promotion waiting on rule (b) or a lease asks again.
+const PROMOTION_RETRY: Duration = Duration::from_millis(50);
+
+impl Core {
+    pub(super) fn promote(
+        &mut self,
+        force: bool,
+        override_quorum: bool,
+        reply: oneshot::Sender<CoreReply>,
+    ) {
+        let request = Request::Primary {
+            force,
+            override_quorum,
+        };
+        if self.role == Role::Primary && self.demotion.is_none() {
+            if let Some(change) = &mut self.generation_change {
+                change.callers.push(reply);
+                return;
+            }
+            self.answer(
+                &request,
+                reply,
+                Response::done(format!("{} is already Primary", self.me.name)),
+            );
+            return;
+        }
+        let refusal = if self.demotion.is_some() {
+            Some(format!(
+                "refused: {} is being demoted; wait for it to finish",
+                self.me.name
+            ))
+        } else if self.volume.is_none() {
+            Some(format!(
+                "refused: {} is a witness (no disk) and can never be Primary",
+                self.me.name
+            ))
+        } else if self.disk_failed.load(std::sync::atomic::Ordering::Relaxed)
+            || self.disk == DiskState::Diskless
+        {
+            Some(format!(
+                "refused: {}'s disk has failed (Diskless)",
+                self.me.name
+            ))
+        } else {
+            None
+        };
+        if let Some(refusal) = refusal {
+            self.answer(&request, reply, Response::refused(refusal));
+            return;
+        }
+        if let Some(promotion) = &mut self.promotion {
+            promotion.callers.push(reply);
+            promotion.force |= force;
+            promotion.override_quorum |= override_quorum;
+            return;
+        }
+        self.promotion = Some(Promotion {
+            token: 0,
+            force,
+            override_quorum,
+            callers: vec![reply],
+            waiting: Vec::new(),
+            lease_wait_ms: 0,
+            started: tokio::time::Instant::now(),
+            retry_at: None,
+            auto: false,
+        });
+        self.promotion_round();
+    }
+
+    /// Asks every connected node afresh.
+    pub(super) fn promotion_round(&mut self) {
+        let token = self.next_token;
+        self.next_token += 1;
+        let mut waiting = Vec::new();
+        for peer in self.peers.values() {
+            if let Some(link) = peer.link.as_ref().filter(|l| !l.is_closed()) {
+                if link.send(Message::PromoteQuery { token }, Bytes::new()) {
+                    waiting.push(peer.node.id);
+                }
+            }
+        }
+        let Some(promotion) = &mut self.promotion else {
+            return;
+        };
+        promotion.token = token;
+        promotion.waiting = waiting;
+        promotion.lease_wait_ms = 0;
+        promotion.retry_at = None;
+        self.evaluate_promotion();
+    }
+
+    /// A node answered a promotion query.
+    pub(super) fn promote_reply(&mut self, peer: u8, token: u64, lease_wait_ms: u64) {
+        let Some(promotion) = &mut self.promotion else {
+            return;
+        };
+        if promotion.token != token {
+            return;
+        }
+        promotion.waiting.retain(|&p| p != peer);
+        promotion.lease_wait_ms = promotion.lease_wait_ms.max(lease_wait_ms);
+        self.evaluate_promotion();
+    }
+
+    /// A node we were asking is gone.
+    pub(super) fn promotion_peer_lost(&mut self, peer: u8) {
+        if let Some(promotion) = &mut self.promotion {
+            promotion.waiting.retain(|&p| p != peer);
+            self.evaluate_promotion();
+        }
+    }
+
+    /// Checks the rules once every connected node answered.
+    fn evaluate_promotion(&mut self) {
+        let Some(promotion) = &self.promotion else {
+            return;
+        };
+        if !promotion.waiting.is_empty() || promotion.retry_at.is_some() {
+            return;
+        }
+        let (force, override_quorum, started) = (
+            promotion.force,
+            promotion.override_quorum,
+            promotion.started,
+        );
+        let lease_wait_ms = promotion.lease_wait_ms.max(self.lease_wait_ms());
+        let seen = self.voters_seen();
+        let seen_refs: Vec<&str> = seen.iter().map(String::as_str).collect();
+        let primary_seen = self.primary_seen();
+        let newer = self.newer_generation_seen();
+        let input = PromotionInput {
+            quorum_mode: self.config.resource.quorum,
+            voters_total: self.config.nodes.len(),
+            voters_seen: &seen_refs,
+            override_quorum,
+            force,
+            disk: self.disk,
+            primary_seen: primary_seen.as_ref().map(|(a, b)| (a.as_str(), b.as_str())),
+            newer_generation_seen: newer.as_deref(),
+        };
+        let mut verdict = promotion::check(&input).map_err(|e| {
+            (
+                e.to_string(),
+                matches!(e, PromotionRefusal::PrimaryExists { .. }),
+            )
+        });
+        if verdict.is_ok() && force {
+            if let Some(who) = self.forced_promotion_blocker() {
+                verdict = Err((
+                    format!(
+                        "refused: {who} has UpToDate or newer data; `primary --force` only accepts \
+                         local data when no visible node has better"
+                    ),
+                    false,
+                ));
+            }
+        }
+        let within_timeout = started.elapsed() < self.config.resource.ping_timeout;
+        match verdict {
+            Err((_, true)) if within_timeout => {
+                // Rule (b): a peer may still believe in a Primary that just
+                // died; ask again until the ping timeout has passed.
+                self.retry_promotion(PROMOTION_RETRY);
+            }
+            Err((reason, _)) => {
+                if let Some(promotion) = self.promotion.take() {
+                    for caller in promotion.callers {
+                        self.answer(
+                            &Request::Primary {
+                                force,
+                                override_quorum,
+                            },
+                            caller,
+                            Response::refused(reason.clone()),
+                        );
+                    }
+                }
+            }
+            Ok(()) if lease_wait_ms > 0 => {
+                tracing::info!(
+                    lease_wait_ms,
+                    "promotion waits for the old Primary's lease to expire"
+                );
+                self.retry_promotion(Duration::from_millis(lease_wait_ms));
+            }
+            Ok(()) => {
+                if let Some(promotion) = self.promotion.take() {
+                    self.auto_promoted = promotion.auto;
+                    self.become_primary(force, override_quorum, promotion.callers);
+                }
+            }
+        }
+    }
+
+    fn retry_promotion(&mut self, after: Duration) {
+        if let Some(promotion) = &mut self.promotion {
+            promotion.retry_at = Some(tokio::time::Instant::now() + after);
+        }
+    }
+
+    /// The tick: a promotion whose retry time came asks again.
+    pub(super) fn promotion_tick(&mut self) {
+        let due = self
+            .promotion
+            .as_ref()
+            .and_then(|p| p.retry_at)
+            .is_some_and(|at| tokio::time::Instant::now() >= at);
+        if due {
+            self.promotion_round();
+        }
+    }
+
+    /// How long this node still backs a Primary it lost (lease wait).
+    pub(super) fn lease_wait_ms(&self) -> u64 {
+        self.lease_hold_until.saturating_sub(now_nanos()) / 1_000_000
+    }
+
+    /// All rules passed: take the role and record the new generation.
+    fn become_primary(
+        &mut self,
+        force: bool,
+        override_quorum: bool,
+        callers: Vec<oneshot::Sender<CoreReply>>,
+    ) {
+        let request = Request::Primary {
+            force,
+            override_quorum,
+        };
+        let Some(volume) = self.volume.clone() else {
+            return;
+        };
+        let sb = self.meta.superblock();
+        let capacity = sb.layout.data_capacity_bytes;
+        let peer_size = self
+            .peers
+            .values()
+            .filter_map(|p| p.report.as_ref().map(|r| r.data_size_bytes))
+            .find(|&s| s > 0);
+        let size_bytes = match (
+            sb.data_size_bytes,
+            self.config.resource.size_bytes,
+            peer_size,
+        ) {
+            (0, Some(wanted), _) if wanted > capacity => {
+                let response = Response::failed(format!(
+                    "size {wanted} in {} is larger than {}'s usable disk ({capacity} bytes)",
+                    self.config.path.display(),
+                    self.me.name
+                ));
+                for caller in callers {
+                    self.answer(&request, caller, response.clone());
+                }
+                return;
+            }
+            (0, Some(wanted), _) => wanted,
+            (0, None, Some(size)) => size,
+            (0, None, None) => self.smallest_capacity(capacity),
+            (fixed, _, _) => fixed,
+        };
+        if let Err(e) = self.meta.update(|sb| {
+            sb.disk = StoredDisk::UpToDate;
+            sb.flags.primary_crashed = true;
+            sb.data_size_bytes = size_bytes;
+            if force {
+                sb.flags.needs_full_sync = false;
+            }
+        }) {
+            let response = Response::failed(format!("cannot record the promotion: {e}"));
+            for caller in callers {
+                self.answer(&request, caller, response.clone());
+            }
+            return;
+        }
+        self.disk = DiskState::UpToDate;
+        self.role = Role::Primary;
+        self.quorum_overridden = override_quorum
+            && self.config.resource.quorum == QuorumMode::Majority
+            && !self.quorum();
+        if self.quorum_overridden {
+            tracing::warn!("PROMOTED WITHOUT QUORUM (--override-quorum): split-brain is possible until quorum returns");
+            self.record_call(
+                "primary",
+                &Response::done(
+                    "promoted WITHOUT QUORUM (--override-quorum): split-brain is possible",
+                ),
+            );
+        }
+        volume.set_gate(Gate::Held {
+            size_bytes,
+            reason: "recording the new generation".into(),
+        });
+        let how = if self.quorum_overridden {
+            " (--override-quorum)"
+        } else if force {
+            " (--force: local data accepted as current)"
+        } else {
+            ""
+        };
+        self.start_generation(format!("promotion{how}"), callers);
+        // Peers in sync start receiving writes after a fresh exchange.
+        self.send_reports();
+        self.re_evaluate_all();
+    }
+
+    /// Smallest usable disk among this node and the data peers it sees.
+    fn smallest_capacity(&self, mine: u64) -> u64 {
+        let smallest = self
+            .peers
+            .values()
+            .filter(|p| p.node.is_data())
+            .filter_map(|p| p.report.as_ref().map(|r| r.capacity_bytes))
+            .fold(mine, u64::min);
+        smallest - smallest % crate::config::DATA_BLOCK_BYTES
+    }
+
+    /// A visible node (or this one) that knows a generation newer than
+    /// this node's data generation — rule (d).
+    pub(super) fn newer_generation_seen(&self) -> Option<String> {
+        let sb = self.meta.superblock();
+        let mine = &sb.lineage;
+        if !mine.contains(sb.known) {
+            return Some(self.me.name.clone());
+        }
+        for peer in self.peers.values().filter(|p| p.connected()) {
+            let Some(report) = &peer.report else { continue };
+            let theirs: Lineage = (&report.lineage).into();
+            let known = Generation(report.known);
+            let knows_newer = !mine.contains(known)
+                || (peer.node.is_data() && mine.relation_to(&theirs) == Relation::Older);
+            if knows_newer {
+                return Some(peer.node.name.clone());
+            }
+        }
+        None
+    }
+
+    /// For `--force`: a visible data node that is UpToDate or has newer data.
+    fn forced_promotion_blocker(&self) -> Option<String> {
+        let mine = &self.meta.superblock().lineage;
+        self.peers
+            .values()
+            .filter(|p| p.connected())
+            .find_map(|peer| {
+                let report = peer.report.as_ref()?;
+                if !peer.node.is_data() {
+                    return None;
+                }
+                let theirs: Lineage = (&report.lineage).into();
+                let newer = mine.relation_to(&theirs) == Relation::Older;
+                (report.disk == DiskState::UpToDate || newer).then(|| peer.node.name.clone())
+            })
+    }
+
+    /// Starts a new generation: durable here first, then recorded on every
+    /// connected voter. Writes are held until it is recorded.
+    pub(super) fn start_generation(
+        &mut self,
+        reason: String,
+        callers: Vec<oneshot::Sender<CoreReply>>,
+    ) {
+        let generation = Generation::random();
+        let previous = self.meta.superblock().lineage.clone();
+        if let Err(e) = self.meta.update(|sb| {
+            sb.lineage.advance(generation);
+            sb.known = generation;
+        }) {
+            tracing::error!(error = %e, "cannot record a new generation");
+            let response = Response::failed(format!("cannot record the new generation: {e}"));
+            for caller in callers {
+                self.answer(
+                    &Request::Primary {
+                        force: false,
+                        override_quorum: false,
+                    },
+                    caller,
+                    response.clone(),
+                );
+            }
+            return;
+        }
+        tracing::info!(%generation, previous = %previous.current, reason = %reason, "new generation");
+        if let (Some(volume), Role::Primary) = (&self.volume, self.role) {
+            let size_bytes = self.meta.superblock().data_size_bytes;
+            volume.set_gate(Gate::Held {
+                size_bytes,
+                reason: "recording a new generation".into(),
+            });
+        }
+        let token = self.next_token;
+        self.next_token += 1;
+        let lineage = WireLineage::from(&self.meta.superblock().lineage);
+        let mut waiting = Vec::new();
+        for peer in self.peers.values() {
+            if let Some(link) = peer.link.as_ref().filter(|l| !l.is_closed()) {
+                if link.send(
+                    Message::NewGeneration {
+                        lineage: lineage.clone(),
+                        token,
+                    },
+                    Bytes::new(),
+                ) {
+                    waiting.push(peer.node.id);
+                }
+            }
+        }
+        let mut callers = callers;
+        let mut previous = previous;
+        if let Some(old) = self.generation_change.take() {
+            // A change still unrecorded is superseded by this one.
+            callers.extend(old.callers);
+            previous = old.previous;
+        }
+        let asked = waiting.len();
+        self.generation_change = Some(GenerationChange {
+            token,
+            generation,
+            previous,
+            asked,
+            waiting,
+            accepted: vec![self.me.id],
+            reason,
+            callers,
+            deadline: tokio::time::Instant::now() + self.config.resource.ping_timeout * 2,
+        });
+        self.maybe_finish_generation();
+    }
+
+    /// A voter answered (or was lost).
+    pub(super) fn generation_answer(&mut self, peer: u8, accepted: bool) {
+        let Some(change) = &mut self.generation_change else {
+            return;
+        };
+        let before = change.waiting.len();
+        change.waiting.retain(|&p| p != peer);
+        if change.waiting.len() != before && accepted {
+            change.accepted.push(peer);
+        }
+        self.maybe_finish_generation();
+    }
+
+    /// Voters a new generation must reach.
+    fn generation_majority(&self, asked: usize) -> usize {
+        if self.config.resource.quorum == QuorumMode::Off || self.quorum_overridden {
+            // Itself plus every connected voter.
+            1 + asked.min(self.peers.values().filter(|p| p.connected()).count())
+        } else {
+            promotion::majority(self.config.nodes.len())
+        }
+    }
+
+    fn maybe_finish_generation(&mut self) {
+        let Some(change) = &self.generation_change else {
+            return;
+        };
+        if !change.waiting.is_empty() {
+            return;
+        }
+        let Some(change) = self.generation_change.take() else {
+            return;
+        };
+        let needed = self.generation_majority(change.asked);
+        let accepted: Vec<String> = change
+            .accepted
+            .iter()
+            .map(|&id| self.peer_name(id))
+            .collect();
+        if accepted.len() >= needed {
+            tracing::info!(generation = %change.generation, recorded_on = %accepted.join(","), reason = %change.reason, "generation recorded");
+            self.needs_generation = false;
+            if self.role == Role::Primary {
+                self.open_gate();
+            }
+            let response = Response::done(format!(
+                "{} is Primary in generation {} (recorded on {})",
+                self.me.name,
+                change.generation,
+                accepted.join(", ")
+            ));
+            for caller in change.callers {
+                self.answer(
+                    &Request::Primary {
+                        force: false,
+                        override_quorum: false,
+                    },
+                    caller,
+                    response.clone(),
+                );
+            }
+            self.send_reports();
+            return;
+        }
+        // No majority: back to the previous data generation, keeping the
+        // failed id in the history.
+        tracing::warn!(
+            generation = %change.generation,
+            accepted = accepted.len(),
+            needed,
+            reason = %change.reason,
+            "new generation NOT recorded on a majority"
+        );
+        let failed = change.generation;
+        let previous = change.previous.clone();
+        let _ = self.meta.update(|sb| {
+            let mut lineage = previous.clone();
+            lineage.history.insert(0, failed);
+            lineage
+                .history
+                .truncate(super::generation::MAX_GENERATION_HISTORY);
+            sb.lineage = lineage;
+        });
+        let refusal = format!(
+            "refused: could not record the new generation on a majority (accepted by {} of {} voters: {}); \
+             needs {needed}",
+            accepted.len(),
+            self.config.nodes.len(),
+            accepted.join(", ")
+        );
+        let promoting = !change.callers.is_empty();
+        for caller in change.callers {
+            self.answer(
+                &Request::Primary {
+                    force: false,
+                    override_quorum: false,
+                },
+                caller,
+                Response::refused(refusal.clone()),
+            );
+        }
+        if promoting && self.role == Role::Primary {
+            self.become_secondary("promotion could not record its generation");
+        } else if self.role == Role::Primary {
+            self.needs_generation = true;
+            self.apply_no_quorum();
+        }
+        self.send_reports();
+    }
+
+    pub(super) fn open_gate(&self) {
+        if let Some(volume) = &self.volume {
+            let size_bytes = self.meta.superblock().data_size_bytes;
+            volume.set_gate(Gate::Open { size_bytes });
+        }
+    }
+
+    /// The Primary has no quorum: fail or hold writes per `on-no-quorum`.
+    fn apply_no_quorum(&mut self) {
+        let Some(volume) = &self.volume else { return };
+        let size_bytes = self.meta.superblock().data_size_bytes;
+        let seen = self.voters_seen();
+        let reason = format!(
+            "{} on {} has no quorum (sees {} of {} voters: {})",
+            self.config.resource.name,
+            self.me.name,
+            seen.len(),
+            self.config.nodes.len(),
+            seen.join(", ")
+        );
+        match self.config.resource.on_no_quorum {
+            OnNoQuorum::IoError => volume.set_gate(Gate::Closed {
+                refusal: Refusal::NoQuorum,
+                reason,
+            }),
+            OnNoQuorum::SuspendIo => volume.set_gate(Gate::Held { size_bytes, reason }),
+        }
+        if !self.no_quorum {
+            tracing::warn!(policy = ?self.config.resource.on_no_quorum, "Primary lost quorum: no write is acknowledged until it returns");
+        }
+        self.no_quorum = true;
+    }
+
+    /// After every step: a Primary whose quorum went or came back.
+    pub(super) fn check_quorum(&mut self) {
+        if self.role != Role::Primary || self.demotion.is_some() {
+            self.no_quorum = false;
+            return;
+        }
+        let quorum = self.quorum();
+        if quorum && self.quorum_overridden && self.config.resource.quorum == QuorumMode::Majority {
+            tracing::info!("quorum is back: --override-quorum no longer in effect");
+            self.quorum_overridden = false;
+        }
+        let effective = quorum || self.quorum_overridden;
+        if !effective {
+            if self.generation_change.is_none() {
+                self.needs_generation = true;
+                self.apply_no_quorum();
+            }
+            return;
+        }
+        if (self.no_quorum || self.needs_generation) && self.generation_change.is_none() {
+            if let Some(who) = self.newer_generation_seen() {
+                tracing::error!(peer = %who, "quorum is back, but a newer generation exists: stepping down");
+                self.become_secondary("a newer generation exists");
+                return;
+            }
+            tracing::info!(
+                "quorum is back: recording a new generation before acknowledging writes"
+            );
+            self.no_quorum = false;
+            self.start_generation("quorum returned".into(), Vec::new());
+        }
+    }
+
+    pub(super) fn begin_demotion(
+        &mut self,
+        force: bool,
+        reply: Option<oneshot::Sender<CoreReply>>,
+        stop: bool,
+    ) {
+        if force {
+            self.clients.disconnect_all();
+        }
+        if let Some(demotion) = &mut self.demotion {
+            demotion.stop |= stop;
+            match reply {
+                Some(reply) if stop && demotion.stop_reply.is_none() => {
+                    demotion.stop_reply = Some(reply)
+                }
+                Some(reply) => demotion.waiting.push(reply),
+                None => {}
+            }
+            return;
+        }
+        self.close_gate(Refusal::ShuttingDown);
+        let (waiting, stop_reply) = match (stop, reply) {
+            (true, reply) => (Vec::new(), reply),
+            (false, reply) => (reply.into_iter().collect(), None),
+        };
+        self.demotion = Some(Demotion {
+            waiting,
+            stop,
+            stop_reply,
+        });
+        let mut clients = self.clients.subscribe();
+        let volume = self.volume.clone();
+        let done = self.internal_tx.clone();
+        tokio::spawn(async move {
+            let _ = clients.wait_for(|&attached| attached == 0).await;
+            let flushed = match volume {
+                Some(volume) => volume.flush_all().await,
+                None => Ok(()),
+            };
+            let _ = done.send(super::core::Internal::Drained(flushed)).await;
+        });
+    }
+
+    pub(super) fn finish_demotion(&mut self, flushed: io::Result<()>) -> Option<Stopped> {
+        let demotion = self.demotion.take()?;
+        let response = match flushed {
+            Ok(()) => {
+                self.become_secondary("demoted");
+                if let Err(e) = self.meta.update(|sb| sb.flags.primary_crashed = false) {
+                    tracing::error!(error = %e, "cannot record the clean demotion");
+                }
+                Response::done(format!("{} is Secondary", self.me.name))
+            }
+            Err(e) => {
+                // Data the clients were told is written may not be on disk:
+                // say so loudly.
+                self.become_secondary("demoted after a failed flush");
+                Response::failed(format!(
+                    "{} is Secondary, but flushing the disk failed ({e}); check the backing disk",
+                    self.me.name
+                ))
+            }
+        };
+        for reply in demotion.waiting {
+            self.answer(
+                &Request::Secondary { force: false },
+                reply,
+                response.clone(),
+            );
+        }
+        if demotion.stop {
+            self.clients.disconnect_all();
+            return Some(Stopped {
+                reply: demotion.stop_reply,
+            });
+        }
+        None
+    }
+
+    /// Drops the Primary role (demotion, or meeting newer data).
+    pub(super) fn become_secondary(&mut self, why: &str) {
+        if self.role != Role::Primary {
+            return;
+        }
+        tracing::info!(reason = why, "becoming Secondary");
+        self.role = Role::Secondary;
+        self.quorum_overridden = false;
+        self.no_quorum = false;
+        self.needs_generation = false;
+        self.auto_promoted = false;
+        if let Some(volume) = &self.volume {
+            volume.set_targets(Vec::new(), true);
+        }
+        for peer in self.peers.values_mut() {
+            peer.receives_writes = false;
+        }
+        // Writes held for a generation that will never be recorded now fail
+        // (the volume turns a closed gate into EIO for them).
+        self.close_gate(Refusal::NotPrimary);
+        self.send_reports();
+    }
+
+    /// Stops the node: demotes first if Primary.
+    pub(super) fn stop(
+        &mut self,
+        force: bool,
+        reply: Option<oneshot::Sender<CoreReply>>,
+    ) -> Option<Stopped> {
+        if self.role == Role::Primary || self.demotion.is_some() {
+            self.begin_demotion(force, reply, true);
+            return None;
+        }
+        self.clients.disconnect_all();
+        Some(Stopped { reply })
+    }
+
+    /// This voter lost a Primary it last acknowledged at
+    /// `lost_primary_answered_nanos`: it backs no new Primary for a ping
+    /// timeout from then.
+    pub(super) fn lease_hold_from(&mut self, lost_primary_answered_nanos: u64) {
+        let hold = lost_primary_answered_nanos.saturating_add(
+            u64::try_from(self.config.resource.ping_timeout.as_nanos()).unwrap_or(u64::MAX),
+        );
+        self.lease_hold_until = self.lease_hold_until.max(hold);
+    }
+
+    /// Keeps the lease's voter set current.
+    pub(super) fn refresh_lease(&self) {
+        let voters: Vec<_> = self
+            .peers
+            .values()
+            .filter_map(|p| p.link.clone().filter(|l| !l.is_closed()))
+            .collect();
+        let enforce = self.role == Role::Primary
+            && self.config.resource.quorum == QuorumMode::Majority
+            && !self.quorum_overridden;
+        let needed = promotion::majority(self.config.nodes.len()).saturating_sub(1);
+        self.lease.configure(voters, needed, enforce);
+    }
+}
