@@ -67,7 +67,9 @@ pub enum DaemonError {
 /// its own export cannot deadlock it under memory pressure.
 fn set_io_flusher() {
     // SAFETY: prctl with integer arguments only; no memory is passed.
-    let rc = unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
+    let on: libc::c_ulong = 1;
+    let unused: libc::c_ulong = 0;
+    let rc = unsafe { libc::prctl(PR_SET_IO_FLUSHER, on, unused, unused, unused) };
     if rc != 0 {
         tracing::warn!(
             error = %std::io::Error::last_os_error(),
