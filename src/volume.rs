@@ -104,6 +104,8 @@ pub struct Volume {
     gate: watch::Sender<Gate>,
     /// Without a current lease the Primary serves no I/O (no stale reads).
     lease: Arc<Lease>,
+    /// Set by the first write of a generation; the core records it.
+    wrote: watch::Sender<bool>,
 }
 
 /// The pieces a volume is made of.
@@ -138,6 +140,7 @@ impl Volume {
             peers_zero_fast: std::sync::atomic::AtomicBool::new(true),
             gate: watch::Sender::new(gate),
             lease: parts.lease,
+            wrote: watch::Sender::new(false),
         }
     }
 
@@ -164,6 +167,22 @@ impl Volume {
 
     pub fn gate(&self) -> Gate {
         self.gate.borrow().clone()
+    }
+
+    /// The core watches this to record the first write of a generation.
+    pub fn subscribe_wrote(&self) -> watch::Receiver<bool> {
+        self.wrote.subscribe()
+    }
+
+    /// The core clears it when a new generation starts.
+    pub fn reset_wrote(&self) {
+        self.wrote.send_replace(false);
+    }
+
+    fn note_write(&self) {
+        if !*self.wrote.borrow() {
+            self.wrote.send_replace(true);
+        }
     }
 
     /// Only the cluster core calls this: the peers that get every write
@@ -335,6 +354,7 @@ impl Volume {
             &data,
             seq,
         );
+        self.note_write();
         let local = self.storage.write(offset, data, fua);
         let (local, ()) = tokio::join!(local, self.collect(fanout, offset, len));
         local?;
@@ -396,6 +416,7 @@ impl Volume {
         fua: bool,
     ) -> Result<(), VolumeError> {
         self.admit().await?;
+        self.note_write();
         let end = offset + len;
         let mut at = offset;
         while at < end {

@@ -83,6 +83,8 @@ pub enum Action {
     Internal(Internal),
     Established(Established),
     Peer(PeerEvent),
+    /// The first write of the current generation happened.
+    Wrote,
     Tick,
     Signal(&'static str),
 }
@@ -206,6 +208,7 @@ pub struct Core {
     /// When to demote after the last auto-promote client left.
     pub(super) auto_demote_at: Option<tokio::time::Instant>,
     ticks: u64,
+    wrote: Option<watch::Receiver<bool>>,
     pub(super) skip_sync: Option<SkipSync>,
     pub(super) next_token: u64,
     /// `verify` callers by peer.
@@ -263,6 +266,7 @@ impl Core {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let objects = ObjectTracker::new(parts.me.name.clone());
+        let wrote = parts.volume.as_ref().map(|v| v.subscribe_wrote());
         let core = Core {
             config: parts.config,
             me: parts.me,
@@ -296,6 +300,7 @@ impl Core {
             auto_promoted: false,
             auto_demote_at: None,
             ticks: 0,
+            wrote,
             skip_sync: None,
             next_token: 1,
             verify_callers: BTreeMap::new(),
@@ -328,6 +333,7 @@ impl Core {
             Some(event) = self.peer_events.recv() => Action::Peer(event),
             Some(established) = self.established.recv() => Action::Established(established),
             Ok(()) = self.clients_seen.changed() => Action::ClientsChanged(*self.clients_seen.borrow_and_update()),
+            Some(true) = wrote_changed(&mut self.wrote) => Action::Wrote,
             _ = self.tick.tick() => Action::Tick,
             Some(()) = recv_signal(&mut self.terminate) => Action::Signal("SIGTERM"),
             Some(()) = recv_signal(&mut self.interrupt) => Action::Signal("SIGINT"),
@@ -369,6 +375,14 @@ impl Core {
             }
             Action::Peer(event) => {
                 self.peer_event(event);
+                None
+            }
+            Action::Wrote => {
+                if !self.meta.superblock().flags.wrote_in_generation {
+                    if let Err(e) = self.meta.update(|sb| sb.flags.wrote_in_generation = true) {
+                        tracing::error!(error = %e, "cannot record the first write of this generation");
+                    }
+                }
                 None
             }
             Action::Tick => {
@@ -627,6 +641,13 @@ impl Core {
         }
     }
 
+    /// Whether this node may have acknowledged writes in its current data
+    /// generation (it wrote, or it crashed while Primary).
+    pub(super) fn may_have_written(&self) -> bool {
+        let flags = self.meta.superblock().flags;
+        flags.wrote_in_generation || (flags.primary_crashed && self.role != Role::Primary)
+    }
+
     /// This node's state as its peers see it.
     pub(super) fn report(&self) -> NodeReport {
         let sb = self.meta.superblock();
@@ -655,16 +676,7 @@ impl Core {
                 .is_some_and(|v| v.storage().can_zero_fast()),
             needs_full_sync: sb.flags.needs_full_sync,
             discard_my_data: false,
-            dirty_toward: self
-                .tracker
-                .as_ref()
-                .map(|t| {
-                    self.peers
-                        .keys()
-                        .map(|&id| (id, t.dirty_bytes(id)))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            wrote_in_generation: self.may_have_written(),
         }
     }
 
@@ -744,6 +756,17 @@ impl Core {
                 .join(" ");
             tracing::info!(object = ?event.object, peer = ?event.peer, "state {:?}: {fields}", event.kind);
         }
+    }
+}
+
+/// Resolves with the volume's first-write flag whenever it changes.
+async fn wrote_changed(wrote: &mut Option<watch::Receiver<bool>>) -> Option<bool> {
+    match wrote {
+        Some(receiver) => {
+            receiver.changed().await.ok()?;
+            Some(*receiver.borrow_and_update())
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -628,7 +628,7 @@ impl Core {
             return;
         }
         match decide(&mine, &theirs) {
-            Decision::SplitBrain => self.split_brain(peer),
+            Decision::SplitBrain => self.split_brain(peer, report.wrote_in_generation),
             Decision::None => {
                 if let Some(state) = self.peers.get_mut(&peer) {
                     state.replication = ReplicationState::Established;
@@ -641,8 +641,30 @@ impl Core {
         }
     }
 
-    fn split_brain(&mut self, peer: u8) {
+    fn split_brain(&mut self, peer: u8, peer_wrote: bool) {
         let name = self.peer_name(peer);
+        if self.config.resource.after_split_brain
+            == crate::config::AfterSplitBrain::DiscardZeroChanges
+        {
+            let i_wrote = self.may_have_written();
+            // The side that wrote nothing since the split is discarded; if
+            // neither wrote, the higher id yields.
+            let i_yield = !i_wrote && (peer_wrote || self.me.id > peer);
+            if !i_wrote || !peer_wrote {
+                if i_yield && self.role != Role::Primary {
+                    tracing::warn!(peer = %name, "split-brain with {name}: this node wrote nothing since the split; discarding its data (after-split-brain = discard-zero-changes)");
+                    if let Some(state) = self.peers.get_mut(&peer) {
+                        state.discard_my_data = true;
+                    }
+                    self.send_reports();
+                    return;
+                }
+                if !i_yield {
+                    tracing::warn!(peer = %name, "split-brain with {name}: it wrote nothing since the split and will be resynced from this node (after-split-brain = discard-zero-changes)");
+                    return;
+                }
+            }
+        }
         tracing::error!(
             peer = %name,
             "SPLIT-BRAIN: this node and {name} both wrote in diverged generations; nothing was \
@@ -878,6 +900,8 @@ impl Core {
             }
             sb.disk = StoredDisk::UpToDate;
             sb.flags.needs_full_sync = false;
+            sb.flags.wrote_in_generation = false;
+            sb.flags.primary_crashed = false;
             if sb.data_size_bytes == 0 {
                 sb.data_size_bytes = size;
             }
@@ -919,6 +943,7 @@ impl Core {
                 sb.known = generation;
                 if in_sync_with_sender {
                     sb.lineage = new.clone();
+                    sb.flags.wrote_in_generation = false;
                     if let Some(slot) = sb.slot_of(peer) {
                         sb.peer_slots[usize::from(slot)].tracking = Some(generation);
                     }

@@ -405,6 +405,7 @@ impl Core {
         if let Err(e) = self.meta.update(|sb| {
             sb.lineage.advance(generation);
             sb.known = generation;
+            sb.flags.wrote_in_generation = false;
         }) {
             tracing::error!(error = %e, "cannot record a new generation");
             let response = Response::failed(format!("cannot record the new generation: {e}"));
@@ -421,6 +422,9 @@ impl Core {
             return;
         }
         tracing::info!(%generation, previous = %previous.current, reason = %reason, "new generation");
+        if let Some(volume) = &self.volume {
+            volume.reset_wrote();
+        }
         if let (Some(volume), Role::Primary) = (&self.volume, self.role) {
             let size_bytes = self.meta.superblock().data_size_bytes;
             volume.set_gate(Gate::Held {

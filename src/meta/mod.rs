@@ -303,6 +303,7 @@ impl MetaStore {
             flags: SuperblockFlags {
                 primary_crashed: false,
                 needs_full_sync: node.is_data(),
+                wrote_in_generation: false,
             },
             lineage: Lineage::initial(),
             known: Generation::INITIAL,

@@ -67,11 +67,15 @@ pub struct SuperblockFlags {
     /// The data was never synced (fresh `create-md`) or was invalidated: a
     /// resync toward this node must compare everything.
     pub needs_full_sync: bool,
+    /// A write was acknowledged in the current data generation (a Primary
+    /// that wrote nothing can be discarded after a split-brain).
+    pub wrote_in_generation: bool,
 }
 
 const FLAG_PRIMARY_CRASHED: u32 = 1;
 const FLAG_NEEDS_FULL_SYNC: u32 = 2;
-const KNOWN_FLAGS: u32 = FLAG_PRIMARY_CRASHED | FLAG_NEEDS_FULL_SYNC;
+const FLAG_WROTE_IN_GENERATION: u32 = 4;
+const KNOWN_FLAGS: u32 = FLAG_PRIMARY_CRASHED | FLAG_NEEDS_FULL_SYNC | FLAG_WROTE_IN_GENERATION;
 
 /// The decoded superblock.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -224,6 +228,9 @@ impl Superblock {
         if self.flags.needs_full_sync {
             flags |= FLAG_NEEDS_FULL_SYNC;
         }
+        if self.flags.wrote_in_generation {
+            flags |= FLAG_WROTE_IN_GENERATION;
+        }
         w.u32(flags);
         w.u64(self.lineage.current.0);
         debug_assert!(self.lineage.history.len() <= MAX_GENERATION_HISTORY);
@@ -303,6 +310,7 @@ impl Superblock {
         let flags = SuperblockFlags {
             primary_crashed: flag_bits & FLAG_PRIMARY_CRASHED != 0,
             needs_full_sync: flag_bits & FLAG_NEEDS_FULL_SYNC != 0,
+            wrote_in_generation: flag_bits & FLAG_WROTE_IN_GENERATION != 0,
         };
         let current = Generation(r.u64()?);
         let history_len = usize::from(r.u16()?);
@@ -404,6 +412,7 @@ pub(crate) mod tests {
             flags: SuperblockFlags {
                 primary_crashed: true,
                 needs_full_sync: true,
+                wrote_in_generation: true,
             },
             lineage: Lineage {
                 current: Generation(99),

@@ -61,9 +61,9 @@ pub struct NodeReport {
     pub needs_full_sync: bool,
     /// The operator chose it as the split-brain victim.
     pub discard_my_data: bool,
-    /// Bytes it has marked out of sync toward each peer (for
-    /// `after-split-brain = "discard-zero-changes"`).
-    pub dirty_toward: Vec<(u8, u64)>,
+    /// It may have acknowledged writes in its current data generation
+    /// (for `after-split-brain = "discard-zero-changes"`).
+    pub wrote_in_generation: bool,
 }
 
 /// A lineage on the wire.
@@ -460,7 +460,7 @@ mod tests {
             fast_zero: true,
             needs_full_sync: false,
             discard_my_data: true,
-            dirty_toward: vec![(1, 4096)],
+            wrote_in_generation: true,
         }
     }
 
