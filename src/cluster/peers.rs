@@ -233,10 +233,23 @@ impl Core {
             drop(stream);
             return;
         }
-        if state.connected() {
-            tracing::info!(peer = %state.node.name, "second connection from a connected peer dropped");
-            return;
+        if let Some(old) = state.link.clone().filter(|l| !l.is_closed()) {
+            // Only one side dials: a new connection means the peer gave up
+            // on the old one, which is dead even if this side has not
+            // noticed yet.
+            tracing::info!(peer = %state.node.name, "peer reconnected; replacing the old connection");
+            old.close("replaced by a new connection from the peer");
+            let session = old.session;
+            self.peer_closed(
+                peer,
+                session,
+                "replaced by a new connection from the peer",
+                Vec::new(),
+            );
         }
+        let Some(state) = self.peers.get(&peer) else {
+            return;
+        };
         let (link, outbox) = PeerLink::new(peer, state.node.name.clone());
         let link = Arc::new(link);
         tokio::spawn(session::run(
@@ -300,6 +313,7 @@ impl Core {
             .as_ref()
             .map_or(0, |l| l.answered_heartbeat_nanos());
         let left_cleanly = state.left_cleanly;
+        let peer_generation = state.report.as_ref().map(|r| Generation(r.lineage.current));
         let was_primary = state
             .report
             .as_ref()
@@ -343,9 +357,14 @@ impl Core {
         if was_target {
             self.refresh_targets();
         }
-        if self.role == Role::Primary && was_data {
-            // Rule A: a Primary that loses any data peer starts a new
-            // generation before it acknowledges another write.
+        // Rule A: a Primary that loses a data peer holding its generation
+        // starts a new one before it acknowledges another write, so the
+        // lost peer can never pass for current. (A peer already behind is
+        // told apart by its older generation.)
+        if self.role == Role::Primary
+            && was_data
+            && peer_generation == Some(self.meta.superblock().lineage.current)
+        {
             self.start_generation(format!("lost data peer {name}"), Vec::new());
         }
         if was_primary {
@@ -374,6 +393,17 @@ impl Core {
             Message::Bitmap { first_word } => self.on_bitmap_words(peer, first_word, &payload),
             Message::SyncBegin { mode, total_bytes } => self.on_sync_begin(peer, mode, total_bytes),
             Message::BitmapDone => self.on_bitmap_done(peer),
+            Message::SyncRefuse { reason } => {
+                tracing::info!(peer = %self.peer_name(peer), reason = %reason, "resync refused by the target");
+                if let Some(state) = self.peers.get_mut(&peer) {
+                    if let Some(run) = state.sync.take() {
+                        if let Some(task) = run.task {
+                            task.abort();
+                        }
+                    }
+                    state.replication = ReplicationState::Established;
+                }
+            }
             Message::SyncEnd { lineage } => self.on_sync_end(peer, &lineage),
             Message::NewGeneration { lineage, token } => {
                 self.on_new_generation(peer, &lineage, token)
@@ -468,6 +498,7 @@ impl Core {
         let first = state.report.is_none();
         let peer_is_data = state.node.is_data();
         let old = state.report.replace(report.clone());
+        let (disk_before, role_before) = (self.disk, self.role);
         if old.as_ref().is_some_and(|o| o.role == Role::Primary) && report.role != Role::Primary {
             // A clean demotion: its lease ended with it.
             state.left_cleanly = true;
@@ -548,19 +579,15 @@ impl Core {
             }
         }
         self.refresh_tracking(peer);
-        let changed = old.as_ref().map_or(true, |old| {
-            old.lineage != report.lineage
-                || old.disk != report.disk
-                || old.role != report.role
-                || old.needs_full_sync != report.needs_full_sync
-        });
-        if changed {
-            self.re_evaluate(peer);
-        }
-        if first {
-            // Peers learn our view of the new connection's role.
+        let my_state_changed = self.disk != disk_before || self.role != role_before;
+        if first || my_state_changed {
+            // Peers learn our view of the new connection, and our resolved
+            // state, before any resync this report leads to.
             self.send_reports();
         }
+        // Every fresh report is a chance to agree on a resync (a refused
+        // one is retried here once both views are current).
+        self.re_evaluate(peer);
     }
 
     /// While a peer is in sync with us (same data generation, both
@@ -744,14 +771,47 @@ impl Core {
         let Some(tracker) = self.tracker.clone() else {
             return;
         };
-        if let Some(run) = self.peers.get(&peer).and_then(|p| p.sync.as_ref()) {
-            if run.source && self.me.id < peer {
-                // Both believed themselves source; the lower id wins.
-                return;
+        if let Some(state) = self.peers.get_mut(&peer) {
+            if state.sync.as_ref().is_some_and(|r| r.source && !r.verify) {
+                // Both believed themselves source: the lower id wins, the
+                // higher one drops its own attempt and answers this one.
+                if self.me.id < peer {
+                    return;
+                }
+                if let Some(run) = state.sync.take() {
+                    if let Some(task) = run.task {
+                        task.abort();
+                    }
+                }
             }
         }
-        if self.role == Role::Primary {
-            self.become_secondary("became a resync target");
+        // The source decided on what it knew of this node; check, with this
+        // node's state as it is now, that the rules agree — a stale view
+        // must never make a Primary, a promoting node or a newer node a
+        // target.
+        let agreed = self
+            .peers
+            .get(&peer)
+            .and_then(|p| p.report.as_ref())
+            .is_some_and(|report| {
+                let theirs = side_from_report(peer, report, self.me.id);
+                matches!(decide(&self.my_side(peer), &theirs),
+                Decision::Sync { source, target, .. } if source == peer && target == self.me.id)
+            });
+        if !agreed || self.role == Role::Primary || self.promotion.is_some() {
+            let reason = format!(
+                "{} will not be a resync target of {} now (role {}, generation {})",
+                self.me.name,
+                self.peer_name(peer),
+                self.role,
+                self.meta.superblock().lineage.current
+            );
+            tracing::info!(peer = %self.peer_name(peer), "resync refused: the source's view of this node is stale");
+            if let Some(link) = self.peers.get(&peer).and_then(|p| p.link.clone()) {
+                link.send(Message::SyncRefuse { reason }, Bytes::new());
+                link.send(Message::Report(self.report_for(peer)), Bytes::new());
+            }
+            return;
         }
         let Some(state) = self.peers.get_mut(&peer) else {
             return;
@@ -881,6 +941,15 @@ impl Core {
 
     /// We were the target: the data now equals the source's.
     fn on_sync_end(&mut self, peer: u8, lineage: &WireLineage) {
+        let expected = self
+            .peers
+            .get(&peer)
+            .and_then(|p| p.sync.as_ref())
+            .is_some_and(|r| !r.source && !r.verify);
+        if !expected || self.role == Role::Primary {
+            tracing::info!(peer = %self.peer_name(peer), "ignoring SyncEnd: this node is not its resync target");
+            return;
+        }
         let lineage: Lineage = lineage.into();
         let size = self
             .peers

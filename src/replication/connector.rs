@@ -24,6 +24,9 @@ use std::collections::BTreeMap;
 /// First retry delay after a failed dial; doubles up to the maximum.
 pub const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(100);
 pub const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// A session that lived this long was a real connection: the next dial
+/// after it ends needs no backoff.
+const SESSION_STABLE: Duration = Duration::from_secs(2);
 /// Handshakes running at once on the listener (a flood of garbage
 /// connections cannot exhaust the node).
 pub const MAX_PENDING_HANDSHAKES: usize = 64;
@@ -165,7 +168,6 @@ pub async fn dial(
         };
         match result {
             Ok((stream, leftover)) => {
-                backoff = DIAL_BACKOFF_MIN;
                 last_error.clear();
                 if established
                     .send(Established {
@@ -178,8 +180,21 @@ pub async fn dial(
                 {
                     return;
                 }
-                // Wait for the core to take it (Live) or drop it.
-                let _ = tokio::time::timeout(timeout, wanted.changed()).await;
+                // Wait for the core to take it (Live), then for the session
+                // to end. A session that dies at once (the peer dropped it)
+                // counts as a failed attempt: back off rather than spin.
+                let _ =
+                    tokio::time::timeout(timeout, wanted.wait_for(|w| *w == Wanted::Live)).await;
+                let live_since = tokio::time::Instant::now();
+                if wanted.wait_for(|w| *w != Wanted::Live).await.is_err() {
+                    return;
+                }
+                if live_since.elapsed() >= SESSION_STABLE {
+                    backoff = DIAL_BACKOFF_MIN;
+                } else {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(DIAL_BACKOFF_MAX);
+                }
             }
             Err(error) => {
                 if error != last_error {

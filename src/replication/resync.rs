@@ -155,6 +155,7 @@ impl Driver<'_> {
             return Err(SyncError::PeerLost);
         }
         self.in_flight += len;
+        self.pace().await;
         Ok(())
     }
 
@@ -266,7 +267,6 @@ pub async fn run_source(
                 SyncMode::Bitmap => driver.send_blocks(run).await?,
                 SyncMode::Hash => driver.send_hashes(run).await?,
             }
-            driver.pace().await;
         }
         if driver.in_flight == 0 && driver.hashing.is_empty() {
             let left = ctx

@@ -183,6 +183,10 @@ pub enum Message {
         mode: SyncMode,
         total_bytes: u64,
     },
+    /// The receiver of `SyncBegin` does not agree to be the target.
+    SyncRefuse {
+        reason: String,
+    },
     /// Resync data; payload: the blocks at `offset`.
     SyncData {
         offset: u64,
@@ -275,6 +279,7 @@ impl Message {
             Message::Barrier { .. } => "Barrier",
             Message::BarrierAck { .. } => "BarrierAck",
             Message::SyncBegin { .. } => "SyncBegin",
+            Message::SyncRefuse { .. } => "SyncRefuse",
             Message::SyncData { .. } => "SyncData",
             Message::SyncZeroes { .. } => "SyncZeroes",
             Message::SyncHashes { .. } => "SyncHashes",
@@ -516,6 +521,9 @@ mod tests {
             Message::SyncBegin {
                 mode: SyncMode::Hash,
                 total_bytes: 99,
+            },
+            Message::SyncRefuse {
+                reason: "stale".into(),
             },
             Message::SyncData { offset: 8192 },
             Message::SyncZeroes {

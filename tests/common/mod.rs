@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod faults;
+
 /// How long a test waits for anything (a daemon to answer, an event).
 pub const WAIT: Duration = Duration::from_secs(30);
 
@@ -38,6 +40,7 @@ pub fn run(command: &mut Command) -> Output {
         .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"))
 }
 
+#[track_caller]
 pub fn run_ok(command: &mut Command) -> Output {
     let output = run(command);
     assert!(
@@ -51,6 +54,7 @@ pub fn run_ok(command: &mut Command) -> Output {
 }
 
 /// Waits until `check` returns `Some`, or panics with `what`.
+#[track_caller]
 pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + WAIT;
     loop {
@@ -73,6 +77,30 @@ pub struct NodeSpec {
     pub disk_bytes: Option<u64>,
     /// Where the disk lives (default: the cluster dir).
     pub disk_dir: Option<PathBuf>,
+}
+
+impl NodeSpec {
+    /// Data node `id` on `127.0.0.{id+1}`: replication port 7789, NBD port
+    /// 10809.
+    pub fn data(name: &str, id: u8, disk_bytes: u64) -> NodeSpec {
+        NodeSpec {
+            name: name.into(),
+            id,
+            address: format!("127.0.0.{}:7789", id + 1),
+            nbd_port: 10809,
+            disk_bytes: Some(disk_bytes),
+            disk_dir: None,
+        }
+    }
+}
+
+/// The entry for `peer` in a `status --json` object.
+pub fn peer_of(status: &Value, peer: &str) -> Value {
+    status["peers"]
+        .as_array()
+        .and_then(|peers| peers.iter().find(|p| p["node"] == peer))
+        .cloned()
+        .unwrap_or_else(|| panic!("no peer {peer} in {status}"))
 }
 
 /// A resource of test nodes sharing one config file.
@@ -152,6 +180,28 @@ impl Cluster {
         )
     }
 
+    /// Data nodes `names[i]` with id `i`, replication on
+    /// `127.0.0.{i+1}:7789`, NBD on the same address port 10809, each with
+    /// a disk of `disk_bytes` (create-md already run on each).
+    pub fn data_nodes(names: &[&str], disk_bytes: u64, resource_extra: &str) -> Cluster {
+        let nodes = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| NodeSpec::data(name, i as u8, disk_bytes))
+            .collect();
+        Cluster::new(nodes, resource_extra)
+    }
+
+    /// `alpha` and `beta`.
+    pub fn two_nodes(disk_bytes: u64, resource_extra: &str) -> Cluster {
+        Cluster::data_nodes(&["alpha", "beta"], disk_bytes, resource_extra)
+    }
+
+    /// `alpha`, `beta` and `gamma`.
+    pub fn three_nodes(disk_bytes: u64, resource_extra: &str) -> Cluster {
+        Cluster::data_nodes(&["alpha", "beta", "gamma"], disk_bytes, resource_extra)
+    }
+
     pub fn spec(&self, name: &str) -> &NodeSpec {
         self.nodes.iter().find(|n| n.name == name).unwrap()
     }
@@ -181,9 +231,19 @@ impl Cluster {
 
     /// Starts `hablk up` and waits until its control socket answers.
     pub fn up(&mut self, node: &str) {
+        let config = self.config.clone();
+        self.up_with_config(node, &config);
+    }
+
+    /// Starts `hablk up` for `node` with another config file (a node whose
+    /// config differs from its peers'), and waits until it answers.
+    pub fn up_with_config(&mut self, node: &str, config: &Path) {
         let log = std::fs::File::create(self.log(node)).unwrap();
-        let child = self
-            .hablk(node)
+        let child = Command::new(hablk_bin())
+            .arg("-c")
+            .arg(config)
+            .arg("-n")
+            .arg(node)
             .arg("up")
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -193,7 +253,12 @@ impl Cluster {
         let index = self.index(node);
         self.daemons[index] = Some(child);
         wait_for(&format!("{node} to answer status"), || {
-            let output = self.hablk(node).arg("status").output().unwrap();
+            let output = Command::new(hablk_bin())
+                .arg("-c")
+                .arg(config)
+                .args(["-n", node, "status"])
+                .output()
+                .unwrap();
             if output.status.success() {
                 return Some(());
             }
@@ -219,6 +284,7 @@ impl Cluster {
         )
     }
 
+    #[track_caller]
     pub fn status(&self, node: &str) -> Value {
         let (code, stdout, stderr) = self.cmd(node, &["status", "--json"]);
         assert_eq!(code, 0, "status failed: {stderr}");
@@ -232,6 +298,55 @@ impl Cluster {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// The process id of a running daemon.
+    pub fn pid(&self, node: &str) -> u32 {
+        self.daemons[self.index(node)]
+            .as_ref()
+            .expect("daemon not running")
+            .id()
+    }
+
+    /// Sends a signal (`libc::SIGSTOP`, `SIGCONT`, ...) to a daemon.
+    pub fn signal(&self, node: &str, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.pid(node)).unwrap();
+        // SAFETY: kill(2) on our own child's pid; no memory is passed.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(
+            rc,
+            0,
+            "kill({pid}, {signal}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// Waits until `check` holds for the node's `status --json`; returns
+    /// that status.
+    #[track_caller]
+    pub fn wait_status(&self, node: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let status = self.status(node);
+            if check(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {node}: {what}; last status: {status}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The entry for `peer` in a node's status.
+    pub fn peer_status(&self, node: &str, peer: &str) -> Value {
+        peer_of(&self.status(node), peer)
+    }
+
+    /// md5 of a node's data area: the first `size_bytes` of its disk.
+    pub fn data_md5(&self, node: &str, size_bytes: u64) -> String {
+        md5_of(&self.disk(node), size_bytes)
     }
 
     /// Waits for a daemon to exit by itself (after `down`).
@@ -283,6 +398,18 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The daemons' side of a failed test.
+            for node in &self.nodes {
+                let log = std::fs::read_to_string(self.log(&node.name)).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(80)..];
+                eprintln!("--- {} log (last {} lines) ---", node.name, tail.len());
+                for line in tail {
+                    eprintln!("{}", strip_ansi(line));
+                }
+            }
+        }
         for child in self.daemons.iter_mut().flatten() {
             let _ = child.kill();
             let _ = child.wait();
@@ -299,6 +426,7 @@ pub struct EventStream {
 
 impl EventStream {
     /// Waits for an event whose fields match all `(key, value)` pairs.
+    #[track_caller]
     pub fn wait_for(&self, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + WAIT;
         loop {
@@ -312,11 +440,37 @@ impl EventStream {
     }
 }
 
+impl EventStream {
+    /// The events received so far, without waiting for more.
+    pub fn drain(&self) -> Vec<Value> {
+        self.lines.try_iter().collect()
+    }
+}
+
 impl Drop for EventStream {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `text` without ANSI escape sequences (the daemons' logs are coloured).
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters, then a final letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// md5 of the first `bytes` of a file.
