@@ -89,7 +89,14 @@ pub trait Engine: Send + Sync + fmt::Debug {
 /// Completion of one submitted operation.
 #[derive(Debug)]
 pub struct IoCompletion {
-    receiver: oneshot::Receiver<io::Result<IoDone>>,
+    state: CompletionState,
+}
+
+#[derive(Debug)]
+enum CompletionState {
+    /// Completed at submission (served inline).
+    Ready(Option<io::Result<IoDone>>),
+    Pending(oneshot::Receiver<io::Result<IoDone>>),
 }
 
 /// The sending half an engine keeps until the operation is done.
@@ -98,7 +105,19 @@ pub type IoCompleter = oneshot::Sender<io::Result<IoDone>>;
 impl IoCompletion {
     pub fn channel() -> (IoCompleter, IoCompletion) {
         let (sender, receiver) = oneshot::channel();
-        (sender, IoCompletion { receiver })
+        (
+            sender,
+            IoCompletion {
+                state: CompletionState::Pending(receiver),
+            },
+        )
+    }
+
+    /// An operation that already completed.
+    pub fn ready(result: io::Result<IoDone>) -> IoCompletion {
+        IoCompletion {
+            state: CompletionState::Ready(Some(result)),
+        }
     }
 }
 
@@ -106,9 +125,16 @@ impl Future for IoCompletion {
     type Output = io::Result<IoDone>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.receiver).poll(cx).map(|result| {
-            result.unwrap_or_else(|_| Err(io::Error::other("storage engine stopped")))
-        })
+        match &mut self.state {
+            CompletionState::Ready(result) => Poll::Ready(
+                result
+                    .take()
+                    .unwrap_or_else(|| Err(io::Error::other("completion polled twice"))),
+            ),
+            CompletionState::Pending(receiver) => Pin::new(receiver).poll(cx).map(|result| {
+                result.unwrap_or_else(|_| Err(io::Error::other("storage engine stopped")))
+            }),
+        }
     }
 }
 
@@ -199,7 +225,7 @@ impl Storage {
         let file = Arc::new(file);
         let engine: Box<dyn Engine> = match kind {
             IoEngineKind::Uring => Box::new(
-                uring::UringEngine::new(file.clone())
+                uring::UringEngine::new(file.clone(), direct)
                     .map_err(|source| StorageError::Uring { source })?,
             ),
             IoEngineKind::Threads => Box::new(threads::ThreadEngine::new(file.clone())),
