@@ -31,10 +31,15 @@ usage: scripts/bench.sh [options]
   --reps N            repetitions of each workload on each server (default 3;
                       env BENCH_REPS)
   --quick             a smoke run: --runtime 2 --reps 1 (flags given later win)
-  --servers LIST      comma-separated (default hablk,nbdkit,qemu-nbd; env
-                      BENCH_SERVERS). Also available: qsd-quorum (qemu-storage-
-                      daemon quorum of a local file and an nbdkit replica) and
-                      file (fio io_uring on a plain file, no NBD)
+  --servers LIST      comma-separated (default hablk,hablk2,hablk3,nbdkit,
+                      qemu-nbd,qsd-quorum; env BENCH_SERVERS). hablk2 = two
+                      data nodes, protocol C; hablk3 = two data nodes and a
+                      witness; qsd-quorum = qemu-storage-daemon quorum of a
+                      local file and an nbdkit replica; file = fio io_uring on
+                      a plain file, no NBD
+  --single            only the single-node comparison (hablk,nbdkit,qemu-nbd)
+  --no-resync         skip the resync measurement
+  --no-failover       skip the failover measurement
   --workloads LIST    comma-separated from randwrite,randread,seqwrite,qd1write
                       (default all; env BENCH_WORKLOADS)
   --hablk-io ENGINE   uring | threads (default: hablk's default; env HABLK_IO)
@@ -49,7 +54,9 @@ USAGE
 RUNTIME=${BENCH_RUNTIME:-6}
 RAMP=${BENCH_RAMP:-1}
 REPS=${BENCH_REPS:-3}
-SERVERS_ARG=${BENCH_SERVERS:-hablk,nbdkit,qemu-nbd}
+SERVERS_ARG=${BENCH_SERVERS:-hablk,hablk2,hablk3,nbdkit,qemu-nbd,qsd-quorum}
+RESYNC=1
+FAILOVER=1
 WORKLOADS_ARG=${BENCH_WORKLOADS:-randwrite,randread,seqwrite,qd1write}
 HABLK_IO=${HABLK_IO:-}
 PARENT_DIR=${BENCH_DIR:-${TMPDIR:-/tmp}}
@@ -65,6 +72,9 @@ while [[ $# -gt 0 ]]; do
     --reps) REPS=${2:?}; shift 2 ;;
     --quick) RUNTIME=2; REPS=1; shift ;;
     --servers) SERVERS_ARG=${2:?}; shift 2 ;;
+    --single) SERVERS_ARG=hablk,nbdkit,qemu-nbd; RESYNC=""; FAILOVER=""; shift ;;
+    --no-resync) RESYNC=""; shift ;;
+    --no-failover) FAILOVER=""; shift ;;
     --workloads) WORKLOADS_ARG=${2:?}; shift 2 ;;
     --hablk-io) HABLK_IO=${2:?}; shift 2 ;;
     --dir) PARENT_DIR=${2:?}; shift 2 ;;
@@ -99,6 +109,8 @@ done
 
 declare -A SERVER_TITLE=(
     [hablk]="hablk (1 node)"
+    [hablk2]="hablk, 2 data nodes, protocol C"
+    [hablk3]="hablk, 2 data nodes + witness, protocol C"
     [nbdkit]="nbdkit file"
     [qemu-nbd]="qemu-nbd"
     [qsd-quorum]="qemu-storage-daemon quorum (2)"
@@ -175,6 +187,92 @@ server_stop_hablk() {
     hablk down >/dev/null 2>&1 || hablk down --force >/dev/null 2>&1 || true
     reap hablk
 }
+
+# ------------------------------------------------- replicated hablk clusters
+
+# hablk_cluster NAME NODES...: a config with data nodes (alpha, beta) and,
+# if named, a witness, all on 127.0.0.1 with ports of their own.
+declare -A CLUSTER_NODES=()
+
+hablk_node() {
+    local cluster=$1 node=$2
+    shift 2
+    "$HABLK_BIN" -c "$WORK/$cluster.toml" -n "$node" "$@"
+}
+
+write_cluster_config() {
+    local cluster=$1 id=0 node extra=""
+    shift
+    [[ -n $HABLK_IO ]] && extra="io = \"$HABLK_IO\""
+    {
+        printf '[resource]\nname = "r0"\nping-timeout = "1s"\n%s\n%s\n' "$extra" "${CLUSTER_EXTRA:-}"
+        for node in "$@"; do
+            next_port
+            printf '\n[[node]]\nname = "%s"\nid = %s\naddress = "127.0.0.1:%s"\ncontrol = "%s"\n' \
+                "$node" "$id" "$PORT" "$WORK/$cluster-$node.sock"
+            if [[ $node == witness ]]; then
+                printf 'meta = "%s"\n' "$WORK/$cluster-$node.meta"
+            else
+                next_port
+                truncate -s "$FILE_SIZE" "$WORK/$cluster-$node.img"
+                printf 'nbd = "127.0.0.1:%s"\ndisk = "%s"\n' "$PORT" "$WORK/$cluster-$node.img"
+            fi
+            id=$((id + 1))
+        done
+    } >"$WORK/$cluster.toml"
+}
+
+start_cluster_node() {
+    local cluster=$1 node=$2
+    RUST_LOG=${RUST_LOG:-info} spawn "$cluster-$node" "$HABLK_BIN" -c "$WORK/$cluster.toml" -n "$node" up
+    cluster_node_answers() {
+        kill -0 "${SERVER_PID[$cluster-$node]}" 2>/dev/null || die "$cluster $node exited: $(tail -n 5 "$WORK/$cluster-$node.log")"
+        hablk_node "$cluster" "$node" status >/dev/null 2>&1
+    }
+    wait_until 30 "$cluster $node to answer" cluster_node_answers
+}
+
+cluster_connected() {
+    local cluster=$1 node peers
+    peers=$(($(wc -w <<<"${CLUSTER_NODES[$cluster]}") - 1))
+    for node in ${CLUSTER_NODES[$cluster]}; do
+        [[ $(hablk_node "$cluster" "$node" status --json | grep -o '"connection":"Connected"' | wc -l) -ge $peers ]] || return 1
+    done
+}
+
+nbd_port_of() { sed -n "/^name = \"$2\"/,/^\\[/p" "$WORK/$1.toml" | sed -n 's/^nbd = "127.0.0.1:\([0-9]*\)"/\1/p'; }
+
+start_cluster() {
+    local cluster=$1 node
+    shift
+    CLUSTER_NODES[$cluster]="$*"
+    write_cluster_config "$cluster" "$@"
+    for node in "$@"; do
+        hablk_node "$cluster" "$node" create-md >/dev/null
+        start_cluster_node "$cluster" "$node"
+    done
+    wait_until 30 "$cluster to connect" cluster_connected "$cluster"
+    hablk_node "$cluster" alpha skip-initial-sync >/dev/null
+    hablk_node "$cluster" alpha primary >/dev/null
+    SERVER_URI[$cluster]="nbd://127.0.0.1:$(nbd_port_of "$cluster" alpha)/r0"
+    wait_until 30 "$cluster's NBD export" nbd_ready "${SERVER_URI[$cluster]}" "${SERVER_PID[$cluster-alpha]}"
+}
+
+stop_cluster() {
+    local cluster=$1 node
+    for node in ${CLUSTER_NODES[$cluster]:-}; do
+        [[ -n ${SERVER_PID[$cluster-$node]:-} ]] || continue
+        hablk_node "$cluster" "$node" down --force >/dev/null 2>&1 || true
+        reap "$cluster-$node"
+    done
+}
+
+server_stop_resync() { stop_cluster resync; }
+server_stop_failover() { stop_cluster failover; }
+server_start_hablk2() { start_cluster hablk2 alpha beta; }
+server_stop_hablk2() { stop_cluster hablk2; }
+server_start_hablk3() { start_cluster hablk3 alpha beta witness; }
+server_stop_hablk3() { stop_cluster hablk3; }
 
 server_start_nbdkit() {
     next_port
@@ -301,6 +399,84 @@ run_fio() {
         "$(awk "BEGIN{print $p50/1000}")"
 }
 
+# ------------------------------------------------------- resync and failover
+
+# Resync: beta leaves cleanly, alpha takes 512 MiB of random writes, beta
+# returns; time from beta's return to wait-sync, and bytes sent vs written.
+measure_resync() {
+    local cluster=resync started elapsed oos sent written
+    # Two nodes keep writing with one gone only without quorum (DRBD's
+    # two-node setup).
+    CLUSTER_EXTRA='quorum = "off"' start_cluster "$cluster" alpha beta
+    STARTED+=("$cluster")
+    hablk_node "$cluster" beta down >/dev/null
+    reap "$cluster-beta"
+    fio --name=dirty --ioengine=nbd "--uri=${SERVER_URI[$cluster]}" --rw=write --bs=1M --iodepth=8 \
+        --size=512M --output-format=json >"$WORK/fio-resync.txt" 2>&1 || die "fio (resync) failed"
+    written=$(parse_fio_written "$WORK/fio-resync.txt")
+    oos=$(hablk_node "$cluster" alpha status --json | sed -n 's/.*"out_of_sync_bytes":\([0-9]*\).*/\1/p')
+    started=$(date +%s%N)
+    start_cluster_node "$cluster" beta
+    # beta comes up Consistent and is UpToDate only once resynced.
+    hablk_node "$cluster" beta wait-sync --timeout 600s >/dev/null
+    elapsed=$(( $(date +%s%N) - started ))
+    sent=$(sed -n 's/.*resync done (source).*data_bytes_sent=\([0-9]*\).*/\1/p' "$WORK/$cluster-alpha.log" | tail -n 1)
+    "$PY" - "$written" "$oos" "${sent:-0}" "$elapsed" <<'PY'
+import sys
+written, oos, sent, elapsed_ns = (int(x) for x in sys.argv[1:5])
+seconds = elapsed_ns / 1e9
+print(f"  written while beta was away:  {written / 2**20:9.1f} MiB")
+print(f"  out of sync (bitmap):         {oos / 2**20:9.1f} MiB")
+print(f"  resync data sent:             {sent / 2**20:9.1f} MiB  ({sent / written if written else 0:.3f} x written)")
+print(f"  beta up -> in sync:           {seconds:9.2f} s  ({oos / seconds / 2**30 if seconds else 0:.2f} GiB/s of dirty data, reconnect included)")
+PY
+    stop_cluster "$cluster"
+}
+
+parse_fio_written() {
+    "$PY" - "$1" <<'PY'
+import json, sys
+text = open(sys.argv[1], encoding="utf-8", errors="replace").read()
+data, _ = json.JSONDecoder().raw_decode(text[text.find("{"):])
+print(data["jobs"][0]["write"]["io_bytes"])
+PY
+}
+
+# Failover: a clean handover (the promotion alone), then kill -9 of the
+# Primary under writes and `primary` on the other node at once, timed to
+# the first successful write there.
+measure_failover() {
+    local cluster=failover t0 t1 t2 t3 beta_uri
+    start_cluster "$cluster" alpha beta witness
+    STARTED+=("$cluster")
+    beta_uri="nbd://127.0.0.1:$(nbd_port_of "$cluster" beta)/r0"
+    hablk_node "$cluster" alpha secondary >/dev/null
+    t0=$(date +%s%N)
+    hablk_node "$cluster" beta primary >/dev/null
+    t1=$(date +%s%N)
+    hablk_node "$cluster" beta secondary >/dev/null
+    hablk_node "$cluster" alpha primary >/dev/null
+    "$REPO_ROOT/target/release/hablk-durability" write --uri "${SERVER_URI[$cluster]}" \
+        --journal "$WORK/failover.journal" --blocks 4096 --depth 32 >"$WORK/failover-writer.log" 2>&1 &
+    local writer=$!
+    sleep 2
+    t2=$(date +%s%N)
+    kill -KILL "${SERVER_PID[$cluster-alpha]}"
+    wait "${SERVER_PID[$cluster-alpha]}" 2>/dev/null || true
+    unset "SERVER_PID[$cluster-alpha]"
+    hablk_node "$cluster" beta primary >/dev/null
+    until qemu-io -f raw -c "write -P 0x7f 512M 4k" "$beta_uri" >/dev/null 2>&1; do sleep 0.01; done
+    t3=$(date +%s%N)
+    wait "$writer" || true
+    "$REPO_ROOT/target/release/hablk-durability" verify --uri "$beta_uri" --journal "$WORK/failover.journal" \
+        >"$WORK/failover-verify.log" 2>&1 || die "durability check failed: $(cat "$WORK/failover-verify.log")"
+    printf '  clean handover (primary on the other node):   %6.1f ms\n' "$(awk "BEGIN{print ($t1-$t0)/1e6}")"
+    printf '  kill -9 of the Primary -> first write on beta: %6.1f ms (ping timeout 1 s: includes the lease wait)\n' \
+        "$(awk "BEGIN{print ($t3-$t2)/1e6}")"
+    printf '  %s\n' "$(tail -n 1 "$WORK/failover-verify.log")"
+    stop_cluster "$cluster"
+}
+
 # --------------------------------------------------------------- reporting
 
 print_table() {
@@ -400,6 +576,7 @@ done
 
 step "building hablk (release)"
 HABLK_BIN=$(build_release)
+(cd "$REPO_ROOT" && cargo build --release --quiet --bin hablk-durability) >&2
 "$HABLK_BIN" --version
 
 mkdir -p "$PARENT_DIR"
@@ -435,3 +612,12 @@ for server in "${SERVERS[@]}"; do
     printf '  %-11s = %s\n' "$server" "${SERVER_TITLE[$server]:-$server}"
 done
 print_table
+
+if [[ -n $RESYNC ]]; then
+    step "resync: 512 MiB written while the Secondary was down, then it returns"
+    measure_resync
+fi
+if [[ -n $FAILOVER ]]; then
+    step "failover (2 data nodes + witness)"
+    measure_failover
+fi

@@ -34,7 +34,7 @@ use crate::storage::Storage;
 /// Blocks per resync or verify request (1 MiB).
 pub const SYNC_CHUNK_BLOCKS: u64 = 256;
 /// Bytes in flight while the application is idle.
-pub const SYNC_WINDOW_BYTES: u64 = 64 << 20;
+pub const SYNC_WINDOW_BYTES: u64 = 128 << 20;
 /// Bytes in flight while application writes are in flight.
 pub const SYNC_BUSY_WINDOW_BYTES: u64 = 4 << 20;
 const BLOCK: u64 = 4096;

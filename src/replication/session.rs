@@ -48,6 +48,9 @@ const READ_CHUNK_BYTES: usize = 1 << 20;
 pub const MAX_SESSION_APPLIES: usize = 4096;
 /// Frames queued for the cluster core from one session.
 pub const CORE_EVENT_QUEUE: usize = 1024;
+/// Resync replies wait for one flush until this many bytes are pending or
+/// no resync write is in flight (fewer, larger flushes).
+pub const SYNC_FLUSH_BATCH_BYTES: u64 = 32 << 20;
 /// Writes remembered as not yet complete on every node (see [`Unconfirmed`]).
 pub const MAX_UNCONFIRMED_WRITES: usize = 1 << 16;
 
@@ -304,7 +307,7 @@ async fn run_job(
         }
         Job::SyncData { offset, data } => {
             let len = data.len() as u64;
-            match apply_write(&disk, offset, &data, false, 0).await {
+            match apply_sync_write(&disk, offset, &data).await {
                 Ok(()) => {
                     done.reply = Some((Message::SyncAck { offset, len }, Bytes::new()));
                     done.after_flush = true;
@@ -379,6 +382,16 @@ async fn run_job(
         },
     }
     done
+}
+
+/// Writes resync data: no activity-log entry — until the target confirms
+/// the blocks durable, the source keeps them marked, so a crash here costs
+/// nothing but a resend.
+async fn apply_sync_write(disk: &LocalDisk, offset: u64, data: &Bytes) -> Result<(), String> {
+    disk.storage
+        .write(offset, data.clone(), false)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 async fn apply_write(
@@ -488,6 +501,8 @@ pub async fn run(
         unflushed: Vec::new(),
         flushing: None,
         unconfirmed: Unconfirmed::default(),
+        sync_jobs: 0,
+        sync_job_ids: std::collections::HashSet::new(),
     };
     session
         .ping
@@ -539,6 +554,10 @@ struct Session {
     unflushed: Vec<DurableReply>,
     flushing: Option<(FlushFuture, Vec<DurableReply>)>,
     unconfirmed: Unconfirmed,
+    /// Resync jobs (data, zeroes, hashes) not finished yet.
+    sync_jobs: usize,
+    /// Ids of those jobs.
+    sync_job_ids: std::collections::HashSet<u64>,
 }
 
 impl Session {
@@ -615,7 +634,16 @@ impl Session {
                     progressed = true;
                 }
             }
-            if self.flushing.is_none() && !self.unflushed.is_empty() {
+            let unflushed_bytes: u64 = self
+                .unflushed
+                .iter()
+                .map(|((message, _), _)| match message {
+                    Message::SyncAck { len, .. } => *len,
+                    _ => 0,
+                })
+                .sum();
+            let batch_ready = self.sync_jobs == 0 || unflushed_bytes >= SYNC_FLUSH_BATCH_BYTES;
+            if self.flushing.is_none() && !self.unflushed.is_empty() && batch_ready {
                 if let Some(disk) = &self.config.disk {
                     let storage = disk.storage.clone();
                     let replies = std::mem::take(&mut self.unflushed);
@@ -679,6 +707,9 @@ impl Session {
     }
 
     fn finish(&mut self, done: Done) -> Option<String> {
+        if self.sync_job_ids.remove(&done.id) {
+            self.sync_jobs -= 1;
+        }
         if let Some((_, latch)) = self.ranges.remove(&done.id) {
             latch.cancel();
         }
@@ -726,6 +757,13 @@ impl Session {
                 .collect(),
             _ => Vec::new(),
         };
+        if matches!(
+            job,
+            Job::SyncData { .. } | Job::SyncZeroes { .. } | Job::SyncHashes { .. }
+        ) {
+            self.sync_jobs += 1;
+            self.sync_job_ids.insert(id);
+        }
         let latch = CancellationToken::new();
         if let Some(range) = range {
             self.ranges.insert(id, (range, latch.clone()));
