@@ -88,6 +88,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Fault-injection builds configure their fault points from FAILPOINTS.
+    #[cfg(feature = "failpoints")]
+    let _faults = fail::FailScenario::setup();
     let cli = Cli::parse();
     commands::init_logging(matches!(cli.command, Command::Up));
     let target = Target {

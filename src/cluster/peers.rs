@@ -75,6 +75,8 @@ pub(super) struct PeerState {
     /// The peer said it leaves cleanly (`down`, or demoted): losing it
     /// needs no lease wait.
     pub left_cleanly: bool,
+    /// Connections to it dropped for a frame that failed its checksum.
+    pub corrupt_frames: u64,
     pub sync: Option<SyncRun>,
 }
 
@@ -92,6 +94,7 @@ impl PeerState {
             receives_writes: false,
             in_sync_at: None,
             left_cleanly: false,
+            corrupt_frames: 0,
             sync: None,
         }
     }
@@ -156,6 +159,7 @@ impl PeerState {
             },
             split_brain: self.split_brain,
             out_of_sync_bytes: oos,
+            corrupt_frames: self.corrupt_frames,
             sync,
         }
     }
@@ -284,8 +288,16 @@ impl Core {
                 peer,
                 session,
                 reason,
+                corrupt,
                 unconfirmed,
-            } => self.peer_closed(peer, session, &reason, unconfirmed),
+            } => {
+                if corrupt {
+                    if let Some(state) = self.peers.get_mut(&peer) {
+                        state.corrupt_frames += 1;
+                    }
+                }
+                self.peer_closed(peer, session, &reason, unconfirmed)
+            }
             PeerEvent::DiskFailed { error } => self.disk_failed(&error),
         }
     }

@@ -169,6 +169,9 @@ pub struct PeerStatus {
     pub replication: ReplicationState,
     pub split_brain: bool,
     pub out_of_sync_bytes: u64,
+    /// Connections dropped because a frame failed its checksum.
+    #[serde(default)]
+    pub corrupt_frames: u64,
     pub sync: SyncStatus,
 }
 
@@ -240,6 +243,7 @@ mod tests {
                 replication: ReplicationState::Established,
                 split_brain: false,
                 out_of_sync_bytes: 0,
+                corrupt_frames: 0,
                 sync: SyncStatus {
                     active: false,
                     direction: None,

@@ -65,6 +65,8 @@ pub enum PeerEvent {
         peer: u8,
         session: u64,
         reason: String,
+        /// The session ended on a frame that failed its checksum.
+        corrupt: bool,
         unconfirmed: Vec<(u64, u64)>,
     },
     /// The local disk failed while applying a peer's write.
@@ -135,9 +137,21 @@ struct OutQueue {
     bytes: usize,
 }
 
+/// Fault point (`failpoints` feature, tests only): damage this frame on the
+/// wire, after its checksum, as a bad link would.
+fn corrupt_frame_fault() -> bool {
+    fail::fail_point!("peer-corrupt-frame", |_| true);
+    false
+}
+
 impl OutQueue {
     fn push(&mut self, message: &Message, payload: Bytes) -> Result<(), wire::WireError> {
-        let head = wire::encode_head(message, &payload)?;
+        let mut head = wire::encode_head(message, &payload)?;
+        if corrupt_frame_fault() {
+            if let Some(last) = head.last_mut() {
+                *last ^= 0x5a;
+            }
+        }
         self.bytes += head.len() + payload.len();
         self.chunks.push_back(head.freeze());
         if !payload.is_empty() {
@@ -517,11 +531,13 @@ pub async fn run(
         .map(|w| (w.1, w.2))
         .collect();
     let session = link.session;
+    let corrupt = reason.contains(&wire::WireError::BadChecksum.to_string());
     let _ = events
         .send(PeerEvent::Closed {
             peer,
             session,
             reason,
+            corrupt,
             unconfirmed,
         })
         .await;

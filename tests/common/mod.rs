@@ -238,6 +238,17 @@ impl Cluster {
     /// Starts `hablk up` for `node` with another config file (a node whose
     /// config differs from its peers'), and waits until it answers.
     pub fn up_with_config(&mut self, node: &str, config: &Path) {
+        self.up_with(node, config, &[]);
+    }
+
+    /// Starts `hablk up` with extra environment variables (e.g. FAILPOINTS
+    /// in a fault-injection build).
+    pub fn up_with_env(&mut self, node: &str, env: &[(&str, &str)]) {
+        let config = self.config.clone();
+        self.up_with(node, &config, env);
+    }
+
+    fn up_with(&mut self, node: &str, config: &Path, env: &[(&str, &str)]) {
         let log = std::fs::File::create(self.log(node)).unwrap();
         let child = Command::new(hablk_bin())
             .arg("-c")
@@ -246,6 +257,7 @@ impl Cluster {
             .arg(node)
             .arg("up")
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
