@@ -123,7 +123,7 @@ pub struct VolumeParts {
 /// Acknowledgements owed by peers for one replicated request.
 struct Fanout {
     sent_to: u32,
-    acks: Vec<(u8, AckReceiver)>,
+    acks: Vec<(Arc<PeerLink>, AckReceiver)>,
 }
 
 impl Volume {
@@ -219,18 +219,27 @@ impl Volume {
             return Ok(());
         }
         let mut gate = self.gate.subscribe();
+        let mut held = false;
         loop {
             let lease_lapsed = match &*gate.borrow_and_update() {
                 Gate::Open { .. } if self.lease.valid() => return Ok(()),
                 Gate::Open { .. } => true,
                 Gate::Held { .. } => false,
                 Gate::Closed { refusal, reason } => {
+                    // A request this node held as Primary and can no longer
+                    // serve is an I/O error, whatever the new role.
+                    let refusal = if held && *refusal != Refusal::ShuttingDown {
+                        Refusal::NoQuorum
+                    } else {
+                        *refusal
+                    };
                     return Err(VolumeError::Refused {
-                        refusal: *refusal,
+                        refusal,
                         reason: reason.clone(),
-                    })
+                    });
                 }
             };
+            held = true;
             if lease_lapsed {
                 // Hold until the lease is renewed or the core decides
                 // (quorum loss), then look again.
@@ -250,26 +259,29 @@ impl Volume {
     /// down — the write cannot be acknowledged: EIO. A demotion does not
     /// fail writes already in flight.
     async fn settle(&self) -> Result<(), VolumeError> {
-        if matches!(*self.gate.borrow(), Gate::Open { .. }) {
+        if matches!(*self.gate.borrow(), Gate::Open { .. }) && self.lease.valid() {
             return Ok(());
         }
         let mut gate = self.gate.subscribe();
         loop {
-            match &*gate.borrow_and_update() {
-                Gate::Held { .. } => {}
+            let lease_lapsed = match &*gate.borrow_and_update() {
+                Gate::Open { .. } if self.lease.valid() => return Ok(()),
+                Gate::Open { .. } => true,
+                Gate::Held { .. } => false,
                 Gate::Closed {
                     refusal: Refusal::ShuttingDown,
                     ..
-                }
-                | Gate::Open { .. } => return Ok(()),
+                } => return Ok(()),
                 Gate::Closed { reason, .. } => {
                     return Err(VolumeError::Refused {
                         refusal: Refusal::NoQuorum,
                         reason: reason.clone(),
                     })
                 }
-            }
-            if gate.changed().await.is_err() {
+            };
+            if lease_lapsed {
+                self.lease.wait_valid(LEASE_RECHECK).await;
+            } else if gate.changed().await.is_err() {
                 return Ok(());
             }
         }
@@ -300,7 +312,7 @@ impl Volume {
                 continue;
             }
             if let Some(ack) = link.replicate(seq, message.clone(), payload.clone()) {
-                acks.push((link.peer, ack));
+                acks.push((link.clone(), ack));
                 reached |= 1 << link.peer;
             }
         }
@@ -314,16 +326,35 @@ impl Volume {
         }
     }
 
-    /// Waits for the peers as the protocol requires; a peer that failed
-    /// gets the range marked out of sync instead.
+    /// Waits for the peers as the protocol requires. A peer that failed
+    /// gets the range marked out of sync, its link is dropped, and the write
+    /// waits until the cluster core has dealt with that loss (rule A: a new
+    /// generation before another acknowledgement) — only then may `settle`
+    /// let the acknowledgement through.
     async fn collect(&self, fanout: Fanout, offset: u64, len: u64) {
         if self.protocol == Protocol::A {
             return;
         }
-        for (peer, ack) in fanout.acks {
-            if !matches!(ack.await, Ok(true)) {
-                self.tracker.mark(peer, offset, len);
+        let mut failed = Vec::new();
+        for (link, ack) in fanout.acks {
+            match ack.await {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.tracker.mark(link.peer, offset, len);
+                    link.close(format!(
+                        "{} could not write a replicated request",
+                        link.name
+                    ));
+                    failed.push(link);
+                }
+                Err(_) => {
+                    self.tracker.mark(link.peer, offset, len);
+                    failed.push(link);
+                }
             }
+        }
+        for link in failed {
+            link.loss_handled().await;
         }
         debug_assert!(fanout.sent_to & (1 << self.me) != 0);
     }

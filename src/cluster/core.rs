@@ -590,7 +590,9 @@ impl Core {
     pub(super) fn voters_seen(&self) -> Vec<String> {
         let mut seen = vec![self.me.name.clone()];
         for peer in self.peers.values() {
-            if peer.connected() {
+            // A voter counts once its state report is in: a bare TCP
+            // connection says nothing about what it knows.
+            if peer.connected() && peer.report.is_some() {
                 seen.push(peer.node.name.clone());
             }
         }

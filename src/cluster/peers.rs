@@ -305,9 +305,11 @@ impl Core {
     fn peer_closed(&mut self, peer: u8, session: u64, reason: &str, unconfirmed: Vec<(u64, u64)>) {
         if let Some(tracker) = &self.tracker {
             // Writes from a lost Primary that may not have reached every
-            // node: out of sync toward every data peer.
-            let others =
-                self.config.data_nodes().fold(0u32, |m, n| m | (1 << n.id)) & !(1 << self.me.id);
+            // node: out of sync toward every other data peer (not the lost
+            // Primary: what it did not write is in its own activity log).
+            let others = self.config.data_nodes().fold(0u32, |m, n| m | (1 << n.id))
+                & !(1 << self.me.id)
+                & !(1 << peer);
             for (offset, len) in unconfirmed {
                 tracker.mark_many(others, offset, len);
             }
@@ -325,6 +327,7 @@ impl Core {
             .as_ref()
             .map_or(0, |l| l.answered_heartbeat_nanos());
         let left_cleanly = state.left_cleanly;
+        let lost_link = state.link.clone();
         let peer_generation = state.report.as_ref().map(|r| Generation(r.lineage.current));
         let was_primary = state
             .report
@@ -379,10 +382,14 @@ impl Core {
         {
             self.start_generation(format!("lost data peer {name}"), Vec::new());
         }
-        if was_primary {
+        if was_primary && self.role != Role::Primary {
+            // Refresh the refusal clients see ("Primary: none").
             self.close_gate(crate::volume::Refusal::NotPrimary);
         }
         self.send_reports();
+        if let Some(link) = lost_link {
+            link.mark_loss_handled();
+        }
     }
 
     fn disk_failed(&mut self, error: &str) {
@@ -446,6 +453,14 @@ impl Core {
                         link.close(format!("refused by the peer: {reason}"));
                     }
                 }
+            }
+            Message::SplitBrain => {
+                tracing::error!(
+                    peer = %self.peer_name(peer),
+                    "SPLIT-BRAIN reported by the peer: nothing was overwritten. Pick the victim and \
+                     run `hablk connect --discard-my-data` on it"
+                );
+                self.mark_split_brain(peer, false);
             }
             Message::Leaving => {
                 tracing::info!(peer = %self.peer_name(peer), "peer is leaving cleanly");
@@ -574,6 +589,30 @@ impl Core {
             } else {
                 StoredDisk::UpToDate
             };
+            let _ = self.meta.update(|sb| sb.disk = stored);
+        } else if self.disk == DiskState::Consistent
+            && self.me.is_data()
+            && !peer_is_data
+            && self.quorum()
+        {
+            // Restarted alone and now with a quorum that includes a witness:
+            // the newest generation a voter recorded says whether this data
+            // is current. (Any generation recorded on a majority reached the
+            // witness or this node.)
+            let mine = self.meta.superblock().lineage.clone();
+            let known = Generation(report.known);
+            let outdated = !mine.contains(known);
+            self.disk = if outdated {
+                DiskState::Outdated
+            } else {
+                DiskState::UpToDate
+            };
+            let stored = if outdated {
+                StoredDisk::Outdated
+            } else {
+                StoredDisk::UpToDate
+            };
+            tracing::info!(witness = %name, %known, disk = %self.disk, "disk state resolved with a quorum");
             let _ = self.meta.update(|sb| sb.disk = stored);
         }
         if matches!(report.disk, DiskState::Diskless | DiskState::Failed) && peer_is_data {
@@ -709,12 +748,28 @@ impl Core {
             "SPLIT-BRAIN: this node and {name} both wrote in diverged generations; nothing was \
              overwritten. Pick the victim and run `hablk connect --discard-my-data` on it"
         );
+        self.mark_split_brain(peer, true);
+    }
+
+    /// Records a split-brain with `peer`: StandAlone, nothing overwritten.
+    /// The side that detects it tells the other before closing, so both
+    /// report it.
+    fn mark_split_brain(&mut self, peer: u8, tell_peer: bool) {
         if let Some(state) = self.peers.get_mut(&peer) {
             state.split_brain = true;
             state.standalone = Some("split-brain".into());
             state.set_wanted(Wanted::Off);
-            if let Some(link) = &state.link {
-                link.close("split-brain detected");
+            if let Some(link) = state.link.clone() {
+                if tell_peer {
+                    link.send(Message::SplitBrain, Bytes::new());
+                    // Let the notice leave before the close.
+                    tokio::spawn(async move {
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        link.close("split-brain detected");
+                    });
+                } else {
+                    link.close("split-brain detected by the peer");
+                }
             }
         }
     }

@@ -73,6 +73,16 @@ impl fmt::Display for PromotionRefusal {
                 "refused: {reporter} is connected to Primary {primary}; demote {primary} first, \
                  or wait until {reporter} loses it"
             ),
+            PromotionRefusal::DiskNotUpToDate(DiskState::Consistent) => write!(
+                f,
+                "refused: disk is Consistent (restarted; not yet known whether current), needs \
+                 UpToDate; it is decided when this node meets a quorum — bring the other nodes up"
+            ),
+            PromotionRefusal::DiskNotUpToDate(DiskState::Outdated) => write!(
+                f,
+                "refused: disk is Outdated (a newer generation exists elsewhere), needs UpToDate; \
+                 promote the node with the newest data, or accept losing data with `primary --force`"
+            ),
             PromotionRefusal::DiskNotUpToDate(disk) => write!(
                 f,
                 "refused: disk is {disk}, needs UpToDate; wait for the resync (`hablk wait-sync`), \

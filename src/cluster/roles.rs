@@ -633,7 +633,14 @@ impl Core {
             }
             return;
         }
-        if (self.no_quorum || self.needs_generation) && self.generation_change.is_none() {
+        let reports_pending = self
+            .peers
+            .values()
+            .any(|p| p.connected() && p.report.is_none());
+        if (self.no_quorum || self.needs_generation)
+            && self.generation_change.is_none()
+            && !reports_pending
+        {
             if let Some(who) = self.newer_generation_seen() {
                 tracing::error!(peer = %who, "quorum is back, but a newer generation exists: stepping down");
                 self.become_secondary("a newer generation exists");

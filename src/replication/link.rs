@@ -57,6 +57,10 @@ pub struct PeerLink {
     confirmed_heartbeat: AtomicU64,
     /// When this node last answered the peer's heartbeat.
     answered_heartbeat: AtomicU64,
+    /// Cancelled once the cluster core has dealt with this link's loss (a
+    /// new generation under way, or no longer needed): a write whose copy
+    /// to this peer failed is acknowledged only after that.
+    loss_handled: CancellationToken,
 }
 
 impl PeerLink {
@@ -77,6 +81,7 @@ impl PeerLink {
                 close_reason: Mutex::new(None),
                 confirmed_heartbeat: AtomicU64::new(0),
                 answered_heartbeat: AtomicU64::new(0),
+                loss_handled: CancellationToken::new(),
             },
             queue,
         )
@@ -180,6 +185,16 @@ impl PeerLink {
             Some(tx) => tx.send(frame).is_ok(),
             None => false,
         }
+    }
+
+    /// Resolves once the core has handled the loss of this link.
+    pub fn loss_handled(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.loss_handled.cancelled()
+    }
+
+    /// The core calls this after handling the link's loss.
+    pub fn mark_loss_handled(&self) {
+        self.loss_handled.cancel();
     }
 
     /// The peer answered a heartbeat sent at `sent_nanos`.

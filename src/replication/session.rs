@@ -506,6 +506,7 @@ pub async fn run(
         config,
         events: events.clone(),
         last_heard: Instant::now(),
+        last_pong: Instant::now(),
         ping: tokio::time::interval(ping_interval),
         ping_id: 0,
         pings_sent: VecDeque::with_capacity(HEARTBEAT_MEMORY),
@@ -557,6 +558,9 @@ struct Session {
     config: SessionConfig,
     events: mpsc::Sender<PeerEvent>,
     last_heard: Instant,
+    /// When the peer last answered a heartbeat: a peer that still talks but
+    /// no longer hears this node (a one-way cut) is lost too.
+    last_pong: Instant,
     ping: tokio::time::Interval,
     ping_id: u64,
     /// (heartbeat id, send time) of recent heartbeats.
@@ -594,6 +598,13 @@ impl Session {
             }
             // Keepalive and silence detection.
             while self.ping.poll_tick(cx).is_ready() {
+                let unanswered = self.last_pong.elapsed();
+                if unanswered > self.config.ping_timeout {
+                    return Poll::Ready(format!(
+                        "peer has not answered heartbeats for {} ms (ping timeout)",
+                        unanswered.as_millis()
+                    ));
+                }
                 let silent = self.last_heard.elapsed();
                 if silent > self.config.ping_timeout {
                     return Poll::Ready(format!(
@@ -818,6 +829,7 @@ impl Session {
                 }
             }
             Message::Pong { id } => {
+                self.last_pong = Instant::now();
                 if let Some(&(_, sent)) = self.pings_sent.iter().find(|(ping, _)| *ping == id) {
                     self.link.heartbeat_confirmed(sent);
                     self.config.lease.renewed();

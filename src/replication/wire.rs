@@ -247,6 +247,8 @@ pub enum Message {
     },
     /// The sender leaves cleanly (`down`): no lease wait is needed.
     Leaving,
+    /// The sender found the two lines of history diverged.
+    SplitBrain,
     /// A promotion asks every connected node afresh.
     PromoteQuery {
         token: u64,
@@ -293,6 +295,7 @@ impl Message {
             Message::SkipSync { .. } => "SkipSync",
             Message::SkipSyncDone { .. } => "SkipSyncDone",
             Message::Leaving => "Leaving",
+            Message::SplitBrain => "SplitBrain",
             Message::PromoteQuery { .. } => "PromoteQuery",
             Message::PromoteReply { .. } => "PromoteReply",
         }
@@ -565,6 +568,7 @@ mod tests {
             },
             Message::SkipSyncDone { token: 1, ok: true },
             Message::Leaving,
+            Message::SplitBrain,
             Message::PromoteQuery { token: 3 },
             Message::PromoteReply {
                 token: 3,

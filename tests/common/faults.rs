@@ -262,6 +262,15 @@ pub fn promote(cluster: &Cluster, node: &str, timeout: Duration) -> Duration {
 /// are stopped or dead must not be listed (their control socket would not
 /// answer).
 pub fn one_primary_with_quorum(cluster: &Cluster, reachable: &[&str]) -> Option<String> {
+    primary_with_quorum(cluster, reachable).unwrap_or_else(|problem| panic!("{problem}"))
+}
+
+/// Like [`one_primary_with_quorum`], but returns two Primaries with quorum
+/// (and every status taken) as an error instead of panicking.
+pub fn primary_with_quorum(
+    cluster: &Cluster,
+    reachable: &[&str],
+) -> Result<Option<String>, String> {
     let statuses: Vec<(String, Value)> = reachable
         .iter()
         .map(|n| ((*n).to_owned(), cluster.status(n)))
@@ -271,16 +280,17 @@ pub fn one_primary_with_quorum(cluster: &Cluster, reachable: &[&str]) -> Option<
         .filter(|(_, s)| s["role"] == "Primary" && s["quorum"] == true)
         .map(|(n, _)| n.as_str())
         .collect();
-    assert!(
-        holders.len() <= 1,
-        "two Primaries with quorum: {holders:?}\n{}",
-        statuses
-            .iter()
-            .map(|(n, s)| format!("{n}: {s}"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-    holders.first().map(|n| (*n).to_owned())
+    if holders.len() > 1 {
+        return Err(format!(
+            "two Primaries with quorum: {holders:?}\n{}",
+            statuses
+                .iter()
+                .map(|(n, s)| format!("{n}: {s}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        ));
+    }
+    Ok(holders.first().map(|n| (*n).to_owned()))
 }
 
 // --- the durability checker --------------------------------------------------
@@ -345,8 +355,10 @@ impl Checker {
     }
 
     /// Waits (up to `timeout`) for the writer to end; returns its summary
-    /// line.
-    pub fn finish(&mut self, timeout: Duration) -> String {
+    /// line, or why it did not end well (a writer still running after
+    /// `timeout` is killed: only its unanswered writes may then be missing
+    /// from the journal).
+    pub fn finish(&mut self, timeout: Duration) -> Result<String, String> {
         let mut child = self.child.take().expect("checker already finished");
         let started = Instant::now();
         let status = loop {
@@ -356,39 +368,72 @@ impl Checker {
             if started.elapsed() > timeout {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!(
-                    "hablk-durability write still running after {timeout:?}; journal: {} lines",
+                return Err(format!(
+                    "hablk-durability write still waiting for answers after {timeout:?} \
+                     (killed); journal: {} lines",
                     std::fs::read_to_string(&self.journal)
                         .unwrap_or_default()
                         .lines()
                         .count()
-                );
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         };
         let summary = std::fs::read_to_string(&self.log).unwrap_or_default();
-        assert!(
-            status.success(),
-            "hablk-durability write exited with {status}: {summary}"
-        );
-        summary.trim().to_owned()
+        if status.success() {
+            Ok(summary.trim().to_owned())
+        } else {
+            Err(format!(
+                "hablk-durability write exited with {status}: {summary}"
+            ))
+        }
     }
 
-    /// `hablk-durability verify` against `uri`: exit 0 or a panic with its
-    /// VIOLATION lines. Returns its summary.
-    pub fn verify(&self, uri: &str) -> String {
+    /// `hablk-durability verify` against `uri`: its summary, or its exit
+    /// code (1: violations, 2: could not read) and output.
+    pub fn verify(&self, uri: &str) -> Result<String, (i32, String)> {
         assert!(self.child.is_none(), "verify after the writer ended");
         let output = run(Command::new(durability_bin())
             .args(["verify", "--uri", uri, "--journal"])
             .arg(&self.journal));
-        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-        assert!(
-            output.status.success(),
-            "verify against {uri} failed ({}):\n{stdout}{}",
-            output.status,
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
-        stdout.trim().to_owned()
+        if output.status.success() {
+            Ok(text.trim().to_owned())
+        } else {
+            Err((output.status.code().unwrap_or(-1), text.trim().to_owned()))
+        }
+    }
+
+    /// `hablk-durability verify` against a node's backing disk itself,
+    /// served read-only by nbdkit on `listen` (IP:PORT) for the time of
+    /// the check: what the node holds, whether or not it serves.
+    pub fn verify_disk(&self, disk: &Path, listen: &str) -> Result<String, (i32, String)> {
+        assert!(self.child.is_none(), "verify after the writer ended");
+        let (ip, port) = listen.rsplit_once(':').expect("IP:PORT");
+        let mut verify = format!(
+            "'{}' verify --uri nbd://{listen}/r0 --journal '",
+            durability_bin()
+        );
+        verify.push_str(&self.journal.display().to_string());
+        verify.push('\'');
+        let output = run(Command::new("nbdkit")
+            .args(["-r", "-f", "-i", ip, "-p", port, "file"])
+            .arg(disk)
+            .args(["--run", &verify]));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        if output.status.success() {
+            Ok(text.trim().to_owned())
+        } else {
+            Err((output.status.code().unwrap_or(-1), text.trim().to_owned()))
+        }
     }
 }
 
