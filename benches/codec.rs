@@ -21,7 +21,8 @@ fn nbd_requests(c: &mut Criterion) {
     };
     let mut encoded = BytesMut::new();
     header.encode(&mut encoded);
-    let raw: [u8; REQUEST_HEADER_BYTES] = encoded[..].try_into().unwrap_or([0; REQUEST_HEADER_BYTES]);
+    let raw: [u8; REQUEST_HEADER_BYTES] =
+        encoded[..].try_into().unwrap_or([0; REQUEST_HEADER_BYTES]);
     let negotiated = Negotiated {
         export_bytes: 1 << 40,
         structured: true,
