@@ -124,6 +124,9 @@ pub struct VolumeParts {
 struct Fanout {
     sent_to: u32,
     acks: Vec<(Arc<PeerLink>, AckReceiver)>,
+    /// Targets whose link was already gone: the write waits until the core
+    /// has handled their loss, as for a failed acknowledgement.
+    lost: Vec<Arc<PeerLink>>,
 }
 
 impl Volume {
@@ -306,14 +309,20 @@ impl Volume {
         }
         let message = message(sent_to);
         let mut acks = Vec::with_capacity(targets.len());
+        let mut lost = Vec::new();
         let mut reached = 1u32 << self.me;
         for link in targets.iter() {
-            if sent_to & (1 << link.peer) == 0 {
-                continue;
-            }
-            if let Some(ack) = link.replicate(seq, message.clone(), payload.clone()) {
-                acks.push((link.clone(), ack));
-                reached |= 1 << link.peer;
+            let ack = if sent_to & (1 << link.peer) == 0 {
+                None
+            } else {
+                link.replicate(seq, message.clone(), payload.clone())
+            };
+            match ack {
+                Some(ack) => {
+                    acks.push((link.clone(), ack));
+                    reached |= 1 << link.peer;
+                }
+                None => lost.push(link.clone()),
             }
         }
         let missed = self.data_nodes & !reached;
@@ -323,6 +332,7 @@ impl Volume {
         Fanout {
             sent_to: reached,
             acks,
+            lost,
         }
     }
 
@@ -335,7 +345,7 @@ impl Volume {
         if self.protocol == Protocol::A {
             return;
         }
-        let mut failed = Vec::new();
+        let mut failed = fanout.lost;
         for (link, ack) in fanout.acks {
             match ack.await {
                 Ok(true) => {}

@@ -113,6 +113,9 @@ pub(super) struct Promotion {
     pub retry_at: Option<tokio::time::Instant>,
     /// Asked for by an attaching NBD client (auto-promote).
     pub auto: bool,
+    /// The newest generation this node knew when the promotion started: if
+    /// it changes meanwhile, another node was promoted.
+    pub known_at_start: Generation,
 }
 
 /// A new generation being recorded on the connected voters.
@@ -131,6 +134,9 @@ pub(super) struct GenerationChange {
     pub reason: String,
     /// `primary` callers answered once it is recorded.
     pub callers: Vec<oneshot::Sender<CoreReply>>,
+    /// Data peers that took it as their data generation: they are write
+    /// targets before the gate opens.
+    pub adopted: Vec<u8>,
     pub deadline: tokio::time::Instant,
 }
 
@@ -410,8 +416,12 @@ impl Core {
                     tracing::warn!(peer = %self.peer_name(peer), "no answer to the new generation in time; closing the connection");
                     if let Some(link) = self.peers.get(&peer).and_then(|p| p.link.clone()) {
                         link.close("did not record the new generation in time");
+                        // Handle the loss now (rule A included), before the
+                        // record can finish and open the gate.
+                        self.peer_closed(peer, link.session, "did not record the new generation in time", Vec::new());
+                    } else {
+                        self.generation_answer(peer, false);
                     }
-                    self.generation_answer(peer, false);
                 }
             }
         }

@@ -92,14 +92,19 @@ impl Lineage {
     }
 
     pub fn relation_to(&self, other: &Lineage) -> Relation {
-        if self.current == other.current {
-            Relation::Equal
-        } else if other.history.contains(&self.current) {
-            Relation::Older
-        } else if self.history.contains(&other.current) {
-            Relation::Newer
-        } else {
-            Relation::Diverged
+        let we_are_behind = other.history.contains(&self.current);
+        let they_are_behind = self.history.contains(&other.current);
+        match (self.current == other.current, we_are_behind, they_are_behind) {
+            (true, _, _) => Relation::Equal,
+            // Each holds the other's current id in its history: one of the
+            // two ids is a generation whose record failed (the recorder went
+            // back to its previous id and kept the failed one in its history,
+            // while a peer had already taken it). No write is acknowledged in
+            // a generation that was never recorded, so the data is the same.
+            (false, true, true) => Relation::Equal,
+            (false, true, false) => Relation::Older,
+            (false, false, true) => Relation::Newer,
+            (false, false, false) => Relation::Diverged,
         }
     }
 }
@@ -121,6 +126,16 @@ mod tests {
         c.advance(Generation(9));
         assert_eq!(a.relation_to(&c), Relation::Diverged);
         assert_eq!(c.relation_to(&a), Relation::Diverged);
+    }
+
+    #[test]
+    fn a_failed_record_is_not_a_cycle_of_older_nodes() {
+        // The recorder went back to g0 keeping the failed g1 in its history;
+        // a peer took g1 before the record failed.
+        let recorder = Lineage { current: Generation(0), history: vec![Generation(1)] };
+        let peer = Lineage { current: Generation(1), history: vec![Generation(0)] };
+        assert_eq!(recorder.relation_to(&peer), Relation::Equal);
+        assert_eq!(peer.relation_to(&recorder), Relation::Equal);
     }
 
     proptest! {

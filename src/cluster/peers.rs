@@ -77,6 +77,10 @@ pub(super) struct PeerState {
     pub left_cleanly: bool,
     /// Connections to it dropped for a frame that failed its checksum.
     pub corrupt_frames: u64,
+    /// The newest of this node's generations the peer may hold: one it was
+    /// asked to record, or one its report showed. Losing a peer that may
+    /// hold the current generation starts a new one (rule A).
+    pub saw_generation: Option<Generation>,
     pub sync: Option<SyncRun>,
 }
 
@@ -95,6 +99,7 @@ impl PeerState {
             in_sync_at: None,
             left_cleanly: false,
             corrupt_frames: 0,
+            saw_generation: None,
             sync: None,
         }
     }
@@ -302,7 +307,7 @@ impl Core {
         }
     }
 
-    fn peer_closed(&mut self, peer: u8, session: u64, reason: &str, unconfirmed: Vec<(u64, u64)>) {
+    pub(super) fn peer_closed(&mut self, peer: u8, session: u64, reason: &str, unconfirmed: Vec<(u64, u64)>) {
         if let Some(tracker) = &self.tracker {
             // Writes from a lost Primary that may not have reached every
             // node: out of sync toward every other data peer (not the lost
@@ -328,7 +333,7 @@ impl Core {
             .map_or(0, |l| l.answered_heartbeat_nanos());
         let left_cleanly = state.left_cleanly;
         let lost_link = state.link.clone();
-        let peer_generation = state.report.as_ref().map(|r| Generation(r.lineage.current));
+        let peer_generation = state.saw_generation;
         let was_primary = state
             .report
             .as_ref()
@@ -430,12 +435,18 @@ impl Core {
             Message::GenerationRecorded {
                 token,
                 accepted,
+                adopted,
                 known,
             } => {
                 let current = self.generation_change.as_ref().map(|c| c.token);
                 if current == Some(token) {
                     if !accepted {
                         tracing::warn!(peer = %self.peer_name(peer), known = %Generation(known), "peer refused to record the new generation");
+                    }
+                    if adopted {
+                        if let Some(change) = &mut self.generation_change {
+                            change.adopted.push(peer);
+                        }
                     }
                     self.generation_answer(peer, accepted);
                 }
@@ -534,6 +545,9 @@ impl Core {
             state.left_cleanly = false;
         }
         let name = state.node.name.clone();
+        if peer_is_data {
+            state.saw_generation = Some(Generation(report.lineage.current));
+        }
         if first && peer_is_data && self.me.is_data() {
             let sb = self.meta.superblock();
             if sb.data_size_bytes > 0 && report.capacity_bytes < sb.data_size_bytes {
@@ -865,7 +879,11 @@ impl Core {
                 matches!(decide(&self.my_side(peer), &theirs),
                 Decision::Sync { source, target, .. } if source == peer && target == self.me.id)
             });
-        if !agreed || self.role == Role::Primary || self.promotion.is_some() {
+        let other_source = self
+            .peers
+            .iter()
+            .any(|(&id, p)| id != peer && p.sync.as_ref().is_some_and(|r| !r.source && !r.verify));
+        if !agreed || other_source || self.role == Role::Primary || self.promotion.is_some() {
             let reason = format!(
                 "{} will not be a resync target of {} now (role {}, generation {})",
                 self.me.name,
@@ -1018,6 +1036,15 @@ impl Core {
             return;
         }
         let lineage: Lineage = lineage.into();
+        let mine = self.meta.superblock().lineage.clone();
+        if mine.relation_to(&lineage) == Relation::Newer || mine.relation_to(&lineage) == Relation::Diverged {
+            tracing::warn!(peer = %self.peer_name(peer), "ignoring SyncEnd: the source's generation is not newer than this node's");
+            if let Some(state) = self.peers.get_mut(&peer) {
+                state.sync = None;
+                state.replication = ReplicationState::Established;
+            }
+            return;
+        }
         let size = self
             .peers
             .get(&peer)
@@ -1066,8 +1093,14 @@ impl Core {
         let new: Lineage = lineage.into();
         let generation = new.current;
         let sb = self.meta.superblock();
-        let accepted =
-            new.contains(sb.known) || new.history.contains(&sb.known) || sb.known == generation;
+        // A Primary, or a node in the middle of its own promotion, never
+        // backs another node's generation: that would be a second Primary.
+        let competing = self.role == Role::Primary || self.promotion.is_some();
+        let accepted = !competing
+            && (new.contains(sb.known) || new.history.contains(&sb.known) || sb.known == generation);
+        if competing {
+            tracing::warn!(peer = %self.peer_name(peer), %generation, "refusing to record another node's generation: this node is Primary or being promoted");
+        }
         let previous = new.history.first().copied();
         let in_sync_with_sender = self.me.is_data()
             && self.disk == DiskState::UpToDate
@@ -1102,6 +1135,7 @@ impl Core {
                 Message::GenerationRecorded {
                     token,
                     accepted,
+                    adopted: accepted && in_sync_with_sender,
                     known,
                 },
                 Bytes::new(),

@@ -105,6 +105,7 @@ impl Core {
             started: tokio::time::Instant::now(),
             retry_at: None,
             auto: false,
+            known_at_start: self.meta.superblock().known,
         });
         self.promotion_round();
     }
@@ -165,6 +166,21 @@ impl Core {
             promotion.override_quorum,
             promotion.started,
         );
+        if self.meta.superblock().known != promotion.known_at_start {
+            // Another node recorded a generation while this one asked
+            // around: its answers are stale. Give up; the caller may retry.
+            if let Some(promotion) = self.promotion.take() {
+                let refusal = Response::refused(format!(
+                    "refused: {} recorded another node's new generation while promoting; \
+                     another node was promoted — check `hablk status`",
+                    self.me.name
+                ));
+                for caller in promotion.callers {
+                    self.answer(&Request::Primary { force, override_quorum }, caller, refusal.clone());
+                }
+            }
+            return;
+        }
         let lease_wait_ms = promotion.lease_wait_ms.max(self.lease_wait_ms());
         let seen = self.voters_seen();
         let seen_refs: Vec<&str> = seen.iter().map(String::as_str).collect();
@@ -331,6 +347,20 @@ impl Core {
             size_bytes,
             reason: "recording the new generation".into(),
         });
+        // Data peers in sync with this node, and those it is resyncing, get
+        // every write from the first one on; the others join after a bitmap
+        // exchange.
+        let current = self.meta.superblock().lineage.current;
+        for peer in self.peers.values_mut() {
+            let in_sync = peer.report.as_ref().is_some_and(|r| {
+                Generation(r.lineage.current) == current && r.disk == DiskState::UpToDate
+            }) && peer.sync.is_none();
+            let resyncing = peer.sync.as_ref().is_some_and(|r| r.source && r.streaming && !r.verify);
+            if peer.node.is_data() && peer.connected() && (in_sync || resyncing) {
+                peer.receives_writes = true;
+            }
+        }
+        self.refresh_targets();
         let how = if self.quorum_overridden {
             " (--override-quorum)"
         } else if force {
@@ -466,6 +496,7 @@ impl Core {
             accepted: vec![self.me.id],
             reason,
             callers,
+            adopted: Vec::new(),
             deadline: tokio::time::Instant::now() + self.config.resource.ping_timeout * 2,
         });
         self.maybe_finish_generation();
@@ -514,6 +545,14 @@ impl Core {
             tracing::info!(generation = %change.generation, recorded_on = %accepted.join(","), reason = %change.reason, "generation recorded");
             self.needs_generation = false;
             if self.role == Role::Primary {
+                // Every peer that took the generation as its data must get
+                // every write acknowledged in it.
+                for id in &change.adopted {
+                    if let Some(peer) = self.peers.get_mut(id).filter(|p| p.connected()) {
+                        peer.receives_writes = true;
+                    }
+                }
+                self.refresh_targets();
                 self.open_gate();
             }
             let response = Response::done(format!(

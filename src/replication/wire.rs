@@ -231,9 +231,13 @@ pub enum Message {
         lineage: WireLineage,
         token: u64,
     },
+    /// The answer; `adopted`: the voter, a data node in sync with the
+    /// sender, took the generation as its data generation (so it must get
+    /// every write from now on).
     GenerationRecorded {
         token: u64,
         accepted: bool,
+        adopted: bool,
         known: u64,
     },
     /// `skip-initial-sync`: take this generation and be UpToDate.
@@ -560,6 +564,7 @@ mod tests {
             Message::GenerationRecorded {
                 token: 4,
                 accepted: true,
+                adopted: true,
                 known: 9,
             },
             Message::SkipSync {
