@@ -418,7 +418,12 @@ impl Core {
                         link.close("did not record the new generation in time");
                         // Handle the loss now (rule A included), before the
                         // record can finish and open the gate.
-                        self.peer_closed(peer, link.session, "did not record the new generation in time", Vec::new());
+                        self.peer_closed(
+                            peer,
+                            link.session,
+                            "did not record the new generation in time",
+                            Vec::new(),
+                        );
                     } else {
                         self.generation_answer(peer, false);
                     }
@@ -699,7 +704,9 @@ impl Core {
             node: self.me.name.clone(),
             role: self.role,
             disk: self.disk,
-            quorum: self.quorum(),
+            // A Primary whose lease lapsed cannot tell whether a majority
+            // still backs it: it may already have been replaced.
+            quorum: self.quorum() && (self.role != Role::Primary || self.lease.valid()),
             generation: sb.lineage.current.into(),
             known_generation: sb.known.into(),
             size_bytes: match (self.me.is_data(), sb.data_size_bytes) {

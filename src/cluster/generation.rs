@@ -94,7 +94,11 @@ impl Lineage {
     pub fn relation_to(&self, other: &Lineage) -> Relation {
         let we_are_behind = other.history.contains(&self.current);
         let they_are_behind = self.history.contains(&other.current);
-        match (self.current == other.current, we_are_behind, they_are_behind) {
+        match (
+            self.current == other.current,
+            we_are_behind,
+            they_are_behind,
+        ) {
             (true, _, _) => Relation::Equal,
             // Each holds the other's current id in its history: one of the
             // two ids is a generation whose record failed (the recorder went
@@ -132,8 +136,14 @@ mod tests {
     fn a_failed_record_is_not_a_cycle_of_older_nodes() {
         // The recorder went back to g0 keeping the failed g1 in its history;
         // a peer took g1 before the record failed.
-        let recorder = Lineage { current: Generation(0), history: vec![Generation(1)] };
-        let peer = Lineage { current: Generation(1), history: vec![Generation(0)] };
+        let recorder = Lineage {
+            current: Generation(0),
+            history: vec![Generation(1)],
+        };
+        let peer = Lineage {
+            current: Generation(1),
+            history: vec![Generation(0)],
+        };
         assert_eq!(recorder.relation_to(&peer), Relation::Equal);
         assert_eq!(peer.relation_to(&recorder), Relation::Equal);
     }

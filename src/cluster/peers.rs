@@ -81,6 +81,10 @@ pub(super) struct PeerState {
     /// asked to record, or one its report showed. Losing a peer that may
     /// hold the current generation starts a new one (rule A).
     pub saw_generation: Option<Generation>,
+    /// A SyncEnd for this generation went out and no report since shows
+    /// the peer took it: reports sent before it are stale, and deciding on
+    /// them would start a needless full resync.
+    pub sync_end_sent: Option<Generation>,
     pub sync: Option<SyncRun>,
 }
 
@@ -100,6 +104,7 @@ impl PeerState {
             left_cleanly: false,
             corrupt_frames: 0,
             saw_generation: None,
+            sync_end_sent: None,
             sync: None,
         }
     }
@@ -242,10 +247,12 @@ impl Core {
             drop(stream);
             return;
         }
-        if let Some(old) = state.link.clone().filter(|l| !l.is_closed()) {
+        if let Some(old) = state.link.clone() {
             // Only one side dials: a new connection means the peer gave up
             // on the old one, which is dead even if this side has not
-            // noticed yet.
+            // noticed yet. Its loss is handled here even when the session
+            // already ended and its close event is still queued: writes
+            // waiting on that loss, and rule A, must not be skipped.
             tracing::info!(peer = %state.node.name, "peer reconnected; replacing the old connection");
             old.close("replaced by a new connection from the peer");
             let session = old.session;
@@ -278,6 +285,7 @@ impl Core {
             state.receives_writes = false;
             state.in_sync_at = None;
             state.left_cleanly = false;
+            state.sync_end_sent = None;
             state.sync = None;
             state.set_wanted(Wanted::Live);
         }
@@ -307,7 +315,13 @@ impl Core {
         }
     }
 
-    pub(super) fn peer_closed(&mut self, peer: u8, session: u64, reason: &str, unconfirmed: Vec<(u64, u64)>) {
+    pub(super) fn peer_closed(
+        &mut self,
+        peer: u8,
+        session: u64,
+        reason: &str,
+        unconfirmed: Vec<(u64, u64)>,
+    ) {
         if let Some(tracker) = &self.tracker {
             // Writes from a lost Primary that may not have reached every
             // node: out of sync toward every other data peer (not the lost
@@ -348,6 +362,7 @@ impl Core {
         state.replication = ReplicationState::Off;
         state.receives_writes = false;
         state.in_sync_at = None;
+        state.sync_end_sent = None;
         if state.standalone.is_none() {
             state.set_wanted(Wanted::Connect);
         }
@@ -545,8 +560,16 @@ impl Core {
             state.left_cleanly = false;
         }
         let name = state.node.name.clone();
-        if peer_is_data {
-            state.saw_generation = Some(Generation(report.lineage.current));
+        // Only ever raised by a report: one sent before the peer recorded
+        // a generation it was asked to take may arrive after the ask.
+        let current = self.meta.superblock().lineage.current;
+        if peer_is_data && Generation(report.lineage.current) == current {
+            state.saw_generation = Some(current);
+        }
+        if report.disk == DiskState::UpToDate
+            && state.sync_end_sent == Some(Generation(report.lineage.current))
+        {
+            state.sync_end_sent = None;
         }
         if first && peer_is_data && self.me.is_data() {
             let sb = self.meta.superblock();
@@ -699,7 +722,11 @@ impl Core {
         let Some(state) = self.peers.get(&peer) else {
             return;
         };
-        if !state.node.is_data() || !state.connected() || state.sync.is_some() || state.split_brain
+        if !state.node.is_data()
+            || !state.connected()
+            || state.sync.is_some()
+            || state.split_brain
+            || state.sync_end_sent.is_some()
         {
             return;
         }
@@ -883,7 +910,19 @@ impl Core {
             .peers
             .iter()
             .any(|(&id, p)| id != peer && p.sync.as_ref().is_some_and(|r| !r.source && !r.verify));
-        if !agreed || other_source || self.role == Role::Primary || self.promotion.is_some() {
+        // While another node is Primary, this node may be taking its
+        // writes: only that Primary may overwrite them.
+        let other_primary = self.peers.iter().any(|(&id, p)| {
+            id != peer
+                && p.connected()
+                && p.report.as_ref().is_some_and(|r| r.role == Role::Primary)
+        });
+        if !agreed
+            || other_source
+            || other_primary
+            || self.role == Role::Primary
+            || self.promotion.is_some()
+        {
             let reason = format!(
                 "{} will not be a resync target of {} now (role {}, generation {})",
                 self.me.name,
@@ -1003,6 +1042,10 @@ impl Core {
                 state.sync = None;
                 state.replication = ReplicationState::Established;
                 state.in_sync_at = Some(generation);
+                // The SyncEnd hands it this generation before its next
+                // report can say so.
+                state.saw_generation = Some(generation);
+                state.sync_end_sent = Some(generation);
                 if let Some(link) = &state.link {
                     link.send(Message::SyncEnd { lineage }, Bytes::new());
                 }
@@ -1032,17 +1075,31 @@ impl Core {
             .and_then(|p| p.sync.as_ref())
             .is_some_and(|r| !r.source && !r.verify);
         if !expected || self.role == Role::Primary {
-            tracing::info!(peer = %self.peer_name(peer), "ignoring SyncEnd: this node is not its resync target");
+            tracing::info!(peer = %self.peer_name(peer), "ignoring SyncEnd: this node is not its resync target; reconnecting to decide again");
+            self.close_link(peer, "a SyncEnd this node cannot take");
+            return;
+        }
+        let other_primary = self.peers.iter().any(|(&id, p)| {
+            id != peer
+                && p.connected()
+                && p.report.as_ref().is_some_and(|r| r.role == Role::Primary)
+        });
+        if other_primary {
+            // A Primary appeared during the resync and its writes may have
+            // reached this node; the reconnection decides again.
+            tracing::warn!(peer = %self.peer_name(peer), "ignoring SyncEnd: another node is Primary now; reconnecting to decide again");
+            self.close_link(peer, "resync source is not the Primary");
             return;
         }
         let lineage: Lineage = lineage.into();
         let mine = self.meta.superblock().lineage.clone();
-        if mine.relation_to(&lineage) == Relation::Newer || mine.relation_to(&lineage) == Relation::Diverged {
-            tracing::warn!(peer = %self.peer_name(peer), "ignoring SyncEnd: the source's generation is not newer than this node's");
-            if let Some(state) = self.peers.get_mut(&peer) {
-                state.sync = None;
-                state.replication = ReplicationState::Established;
-            }
+        // Discarding this node's data (`--discard-my-data`, split-brain
+        // resolution) is the one case where any source is taken.
+        let discarding = self.peers.get(&peer).is_some_and(|p| p.discard_my_data);
+        let relation = mine.relation_to(&lineage);
+        if !discarding && matches!(relation, Relation::Newer | Relation::Diverged) {
+            tracing::warn!(peer = %self.peer_name(peer), "ignoring SyncEnd: the source's generation is not newer than this node's; reconnecting to decide again");
+            self.close_link(peer, "a SyncEnd from an older generation");
             return;
         }
         let size = self
@@ -1074,6 +1131,7 @@ impl Core {
         });
         if let Err(e) = result {
             tracing::error!(error = %e, "cannot record the finished resync");
+            self.close_link(peer, "cannot record the finished resync");
             return;
         }
         self.disk = DiskState::UpToDate;
@@ -1097,7 +1155,9 @@ impl Core {
         // backs another node's generation: that would be a second Primary.
         let competing = self.role == Role::Primary || self.promotion.is_some();
         let accepted = !competing
-            && (new.contains(sb.known) || new.history.contains(&sb.known) || sb.known == generation);
+            && (new.contains(sb.known)
+                || new.history.contains(&sb.known)
+                || sb.known == generation);
         if competing {
             tracing::warn!(peer = %self.peer_name(peer), %generation, "refusing to record another node's generation: this node is Primary or being promoted");
         }
@@ -1145,13 +1205,36 @@ impl Core {
     }
 
     /// The write targets: peers past the bitmap exchange.
+    /// Drops the connection to a peer; the reconnection starts over with a
+    /// fresh exchange of states.
+    fn close_link(&self, peer: u8, why: &str) {
+        if let Some(link) = self.peers.get(&peer).and_then(|p| p.link.as_ref()) {
+            link.close(why);
+        }
+    }
+
+    /// Ends every resync this node streams: its data no longer outranks
+    /// what the targets may have taken since. The reconnection decides
+    /// again who syncs whom.
+    pub(super) fn drop_source_resyncs(&mut self, why: &str) {
+        for state in self.peers.values() {
+            if state.sync.as_ref().is_some_and(|r| r.source && !r.verify) {
+                tracing::info!(peer = %state.node.name, reason = why, "dropping the resync this node streams");
+                self.close_link(state.node.id, why);
+            }
+        }
+    }
+
     pub(super) fn refresh_targets(&self) {
         let Some(volume) = &self.volume else { return };
+        // A link that closed but whose loss is not handled yet stays a
+        // target: a write finds it closed and waits for that handling
+        // (rule A) before its acknowledgement.
         let targets: Vec<Arc<PeerLink>> = self
             .peers
             .values()
             .filter(|p| p.receives_writes && self.role == Role::Primary)
-            .filter_map(|p| p.link.clone().filter(|l| !l.is_closed()))
+            .filter_map(|p| p.link.clone())
             .collect();
         let zero_fast = self
             .peers

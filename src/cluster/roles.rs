@@ -176,7 +176,14 @@ impl Core {
                     self.me.name
                 ));
                 for caller in promotion.callers {
-                    self.answer(&Request::Primary { force, override_quorum }, caller, refusal.clone());
+                    self.answer(
+                        &Request::Primary {
+                            force,
+                            override_quorum,
+                        },
+                        caller,
+                        refusal.clone(),
+                    );
                 }
             }
             return;
@@ -355,7 +362,10 @@ impl Core {
             let in_sync = peer.report.as_ref().is_some_and(|r| {
                 Generation(r.lineage.current) == current && r.disk == DiskState::UpToDate
             }) && peer.sync.is_none();
-            let resyncing = peer.sync.as_ref().is_some_and(|r| r.source && r.streaming && !r.verify);
+            let resyncing = peer
+                .sync
+                .as_ref()
+                .is_some_and(|r| r.source && r.streaming && !r.verify);
             if peer.node.is_data() && peer.connected() && (in_sync || resyncing) {
                 peer.receives_writes = true;
             }
@@ -466,7 +476,7 @@ impl Core {
         self.next_token += 1;
         let lineage = WireLineage::from(&self.meta.superblock().lineage);
         let mut waiting = Vec::new();
-        for peer in self.peers.values() {
+        for peer in self.peers.values_mut() {
             if let Some(link) = peer.link.as_ref().filter(|l| !l.is_closed()) {
                 if link.send(
                     Message::NewGeneration {
@@ -476,6 +486,11 @@ impl Core {
                     Bytes::new(),
                 ) {
                     waiting.push(peer.node.id);
+                    if peer.node.is_data() {
+                        // It may take the generation as its data before
+                        // its answer arrives: losing it then is rule A.
+                        peer.saw_generation = Some(generation);
+                    }
                 }
             }
         }
@@ -612,6 +627,7 @@ impl Core {
             );
         }
         if promoting && self.role == Role::Primary {
+            self.drop_source_resyncs("promotion could not record its generation");
             self.become_secondary("promotion could not record its generation");
         } else if self.role == Role::Primary {
             self.needs_generation = true;
