@@ -26,7 +26,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::stream::{FuturesUnordered, StreamExt};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -296,6 +296,10 @@ struct Connection<S> {
     negotiated: Negotiated,
     peer: String,
     rbuf: BytesMut,
+    /// The last payload was larger than a read chunk: read each request to
+    /// its exact end, so a payload never has to be copied out of a buffer
+    /// it shares with the next request.
+    exact_reads: bool,
     reading: Reading,
     out: ReplyQueue,
     in_flight_bytes: u64,
@@ -330,6 +334,7 @@ where
         session,
         peer,
         rbuf: BytesMut::with_capacity(READ_CHUNK_BYTES),
+        exact_reads: false,
         reading: Reading::Header,
         out: ReplyQueue::default(),
         in_flight_bytes: 0,
@@ -401,8 +406,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     Parsed::Progress => continue,
                     Parsed::Blocked => {}
                     Parsed::NeedBytes(wanted) => {
-                        self.rbuf.reserve(wanted.max(READ_CHUNK_BYTES));
-                        match poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.rbuf) {
+                        let read = if wanted > 0 && (self.exact_reads || wanted > READ_CHUNK_BYTES)
+                        {
+                            self.rbuf.reserve(wanted);
+                            let mut exact = (&mut self.rbuf).limit(wanted);
+                            poll_read_buf(Pin::new(&mut self.stream), cx, &mut exact)
+                        } else {
+                            self.rbuf.reserve(READ_CHUNK_BYTES);
+                            poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.rbuf)
+                        };
+                        match read {
                             Poll::Ready(Ok(0)) => {
                                 if !self.rbuf.is_empty() {
                                     tracing::info!(client = %self.peer, "NBD client closed mid-request");
@@ -490,6 +503,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
         };
         let total = REQUEST_HEADER_BYTES + payload_bytes;
+        self.exact_reads = payload_bytes > READ_CHUNK_BYTES;
         if self.rbuf.len() < total {
             return Parsed::NeedBytes(total - self.rbuf.len());
         }
