@@ -192,6 +192,7 @@ fn side_from_report(id: u8, report: &NodeReport, other: u8) -> Side {
             .iter()
             .any(|&(node, role)| node != other && role == Role::Primary),
         discard_my_data: report.discard_my_data,
+        known: Generation(report.known),
     }
 }
 
@@ -444,9 +445,11 @@ impl Core {
                 }
             }
             Message::SyncEnd { lineage } => self.on_sync_end(peer, &lineage),
-            Message::NewGeneration { lineage, token } => {
-                self.on_new_generation(peer, &lineage, token)
-            }
+            Message::NewGeneration {
+                lineage,
+                token,
+                may_adopt,
+            } => self.on_new_generation(peer, &lineage, token, may_adopt),
             Message::GenerationRecorded {
                 token,
                 accepted,
@@ -1147,7 +1150,7 @@ impl Core {
     }
 
     /// A peer asks us to record a new generation (compare-and-set).
-    fn on_new_generation(&mut self, peer: u8, lineage: &WireLineage, token: u64) {
+    fn on_new_generation(&mut self, peer: u8, lineage: &WireLineage, token: u64, may_adopt: bool) {
         let new: Lineage = lineage.into();
         let generation = new.current;
         let sb = self.meta.superblock();
@@ -1162,7 +1165,11 @@ impl Core {
             tracing::warn!(peer = %self.peer_name(peer), %generation, "refusing to record another node's generation: this node is Primary or being promoted");
         }
         let previous = new.history.first().copied();
+        // The same generation is not the same data: only a write target of
+        // the sender has every write of it (a peer it lost and got back may
+        // lack some, even when the generation that loss started failed).
         let in_sync_with_sender = self.me.is_data()
+            && may_adopt
             && self.disk == DiskState::UpToDate
             && Some(sb.lineage.current) == previous
             && self.peers.get(&peer).is_some_and(|p| p.sync.is_none());

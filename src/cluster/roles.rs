@@ -482,6 +482,7 @@ impl Core {
                     Message::NewGeneration {
                         lineage: lineage.clone(),
                         token,
+                        may_adopt: peer.receives_writes,
                     },
                     Bytes::new(),
                 ) {

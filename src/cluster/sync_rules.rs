@@ -9,9 +9,11 @@
 //! - one generation in the other's history: the older node is the target;
 //! - neither: split-brain — nothing is overwritten;
 //! - only an UpToDate node is ever a source, and while either node is
-//!   connected to a Primary, only that Primary may be the source.
+//!   connected to a Primary, only that Primary may be the source;
+//! - a node that knows a generation its data does not descend from is
+//!   resynced only by a source whose history holds that generation.
 
-use super::generation::{Lineage, Relation};
+use super::generation::{Generation, Lineage, Relation};
 use super::state::{DiskState, Role};
 
 /// One side of a connection, as both sides see it.
@@ -28,6 +30,8 @@ pub struct Side {
     pub connected_to_other_primary: bool,
     /// The operator chose this side as the split-brain victim.
     pub discard_my_data: bool,
+    /// The newest generation this side knows was recorded (`known`).
+    pub known: Generation,
 }
 
 /// The outcome.
@@ -86,6 +90,18 @@ pub fn decide(a: &Side, b: &Side) -> Decision {
     {
         return Decision::None;
     }
+    if !target.lineage.contains(target.known)
+        && !source.lineage.contains(target.known)
+        && !target.needs_full_sync
+        && !target.discard_my_data
+    {
+        // The target took a generation it is behind in (recorded it, then
+        // was that generation's resync target and lost the source before
+        // the end): it may hold writes acknowledged in it. A source whose
+        // history lacks that generation lacks those writes and must not
+        // overwrite them; rule (d) already keeps both from promotion.
+        return Decision::None;
+    }
     if target.role == Role::Primary && relation == Relation::Equal {
         // A Primary is never the target of a peer with the same history.
         return Decision::None;
@@ -100,7 +116,6 @@ pub fn decide(a: &Side, b: &Side) -> Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::generation::Generation;
     use proptest::prelude::*;
 
     fn side(id: u8, gens: &[u64]) -> Side {
@@ -119,7 +134,42 @@ mod tests {
             needs_full_sync: false,
             connected_to_other_primary: false,
             discard_my_data: false,
+            known: Generation::INITIAL,
         }
+    }
+
+    #[test]
+    fn a_node_behind_a_generation_it_knows_takes_only_a_source_holding_it() {
+        // b recorded 7 as a behind voter, then took writes of 7 as its
+        // Primary's resync target and lost it; a never saw 7.
+        let a = side(0, &[5]);
+        let mut b = side(1, &[5]);
+        b.disk = DiskState::Outdated;
+        b.known = Generation(7);
+        assert_eq!(decide(&a, &b), Decision::None);
+        assert_eq!(decide(&b, &a), Decision::None);
+        let holder = side(0, &[5, 7]);
+        assert_eq!(
+            decide(&holder, &b),
+            Decision::Sync {
+                source: 0,
+                target: 1,
+                full: false
+            }
+        );
+        // Its own failed generation is in its history: no restriction.
+        let mut failed = side(1, &[5]);
+        failed.lineage.history.insert(0, Generation(8));
+        failed.known = Generation(8);
+        let newer = side(0, &[5, 9]);
+        assert_eq!(
+            decide(&newer, &failed),
+            Decision::Sync {
+                source: 0,
+                target: 1,
+                full: false
+            }
+        );
     }
 
     #[test]
@@ -248,23 +298,33 @@ mod tests {
             any::<bool>(),
             any::<bool>(),
             any::<bool>(),
+            0u64..3,
         )
-            .prop_map(move |(shared, own, disk, primary, crashed, full, near)| {
-                let gens: Vec<u64> = (1..=shared)
-                    .chain((1..=own).map(|g| u64::from(id + 1) * 100 + g))
-                    .collect();
-                let mut s = side(id, &gens);
-                s.disk = disk;
-                s.role = if primary {
-                    Role::Primary
-                } else {
-                    Role::Secondary
-                };
-                s.primary_crashed = crashed;
-                s.needs_full_sync = full;
-                s.connected_to_other_primary = near;
-                s
-            })
+            .prop_map(
+                move |(shared, own, disk, primary, crashed, full, near, known)| {
+                    let gens: Vec<u64> = (1..=shared)
+                        .chain((1..=own).map(|g| u64::from(id + 1) * 100 + g))
+                        .collect();
+                    let mut s = side(id, &gens);
+                    s.disk = disk;
+                    s.role = if primary {
+                        Role::Primary
+                    } else {
+                        Role::Secondary
+                    };
+                    s.primary_crashed = crashed;
+                    s.needs_full_sync = full;
+                    s.connected_to_other_primary = near;
+                    // Its own current generation, a shared one, or one it
+                    // recorded from a third node without taking it.
+                    s.known = match known {
+                        0 => s.lineage.current,
+                        1 => Generation(shared),
+                        _ => Generation(900 + u64::from(id)),
+                    };
+                    s
+                },
+            )
     }
 
     proptest! {
@@ -281,6 +341,11 @@ mod tests {
                 prop_assert_ne!(t.lineage.relation_to(&s.lineage), Relation::Newer);
                 if s.role != Role::Primary {
                     prop_assert!(!s.connected_to_other_primary && !t.connected_to_other_primary);
+                }
+                if !t.needs_full_sync && !t.discard_my_data {
+                    prop_assert!(
+                        t.lineage.contains(t.known) || s.lineage.contains(t.known)
+                    );
                 }
             }
         }

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -44,6 +44,10 @@ use crate::storage::Storage;
 
 /// Receive buffer kept ready.
 const READ_CHUNK_BYTES: usize = 1 << 20;
+/// Frames with a body larger than this are read to their exact end (and,
+/// while they come, every frame is): a large payload then never has to be
+/// copied out of a buffer it shares with the next frame.
+const EXACT_READ_BYTES: usize = 256 << 10;
 /// Applies in flight on one session (the Primary bounds its own side).
 pub const MAX_SESSION_APPLIES: usize = 4096;
 /// Frames queued for the cluster core from one session.
@@ -500,6 +504,7 @@ pub async fn run(
     let mut session = Session {
         stream,
         rbuf: leftover,
+        exact_reads: false,
         out: OutQueue::default(),
         outbox,
         link: link.clone(),
@@ -552,6 +557,7 @@ type DurableReply = ((Message, Bytes), Vec<Range<u64>>);
 struct Session {
     stream: TcpStream,
     rbuf: BytesMut,
+    exact_reads: bool,
     out: OutQueue,
     outbox: mpsc::UnboundedReceiver<Outgoing>,
     link: Arc<PeerLink>,
@@ -700,6 +706,7 @@ impl Session {
                                 Err(e) => return Poll::Ready(format!("bad frame from peer: {e}")),
                             };
                             self.last_heard = Instant::now();
+                            self.exact_reads = frame.payload.len() > EXACT_READ_BYTES;
                             if let Some(reason) = self.dispatch(frame, jobs, start) {
                                 return Poll::Ready(reason);
                             }
@@ -709,8 +716,15 @@ impl Session {
                             }
                         }
                         Ok(needed) => {
-                            self.rbuf.reserve(needed.max(READ_CHUNK_BYTES));
-                            match poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.rbuf) {
+                            let read = if self.exact_reads || needed > EXACT_READ_BYTES {
+                                self.rbuf.reserve(needed);
+                                let mut exact = (&mut self.rbuf).limit(needed);
+                                poll_read_buf(Pin::new(&mut self.stream), cx, &mut exact)
+                            } else {
+                                self.rbuf.reserve(READ_CHUNK_BYTES);
+                                poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.rbuf)
+                            };
+                            match read {
                                 Poll::Ready(Ok(0)) => {
                                     return Poll::Ready("peer closed the connection".into())
                                 }

@@ -227,9 +227,13 @@ pub enum Message {
         blocks: u32,
     },
     /// Record a new generation (compare-and-set on each voter).
+    /// `may_adopt`: the voter is one of the sender's write targets, so it
+    /// holds every write of the sender's current generation and may take
+    /// the new one as its data generation.
     NewGeneration {
         lineage: WireLineage,
         token: u64,
+        may_adopt: bool,
     },
     /// The answer; `adopted`: the voter, a data node in sync with the
     /// sender, took the generation as its data generation (so it must get
@@ -560,7 +564,11 @@ mod tests {
                 offset: 0,
                 blocks: 1,
             },
-            Message::NewGeneration { lineage, token: 4 },
+            Message::NewGeneration {
+                lineage,
+                token: 4,
+                may_adopt: true,
+            },
             Message::GenerationRecorded {
                 token: 4,
                 accepted: true,
