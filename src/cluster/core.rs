@@ -125,6 +125,8 @@ pub(super) struct GenerationChange {
     pub generation: Generation,
     /// The lineage before it: restored if the record fails.
     pub previous: Lineage,
+    /// This node's `known` before it: restored if the record fails.
+    pub known_before: Generation,
     /// Voters asked.
     pub asked: usize,
     /// Voters asked and not yet answered.
@@ -409,6 +411,7 @@ impl Core {
         self.ticks += 1;
         self.promotion_tick();
         self.auto_demote_tick();
+        self.retry_refused_exchanges();
         if let Some(change) = &self.generation_change {
             if tokio::time::Instant::now() >= change.deadline {
                 let waiting = change.waiting.clone();
@@ -694,6 +697,7 @@ impl Core {
             needs_full_sync: sb.flags.needs_full_sync,
             discard_my_data: false,
             wrote_in_generation: self.may_have_written(),
+            recording_generation: self.generation_change.is_some(),
         }
     }
 

@@ -30,6 +30,7 @@ use super::sync_rules::{decide, Decision, Side};
 use crate::config::Node;
 use crate::control::protocol::{PeerStatus, Request, Response, SyncStatus};
 use crate::control::server::CoreReply;
+use crate::meta::bitmap::DirtyBitmap;
 use crate::meta::superblock::StoredDisk;
 use crate::meta::tracker::Tracker;
 use crate::replication::connector::{Established, Wanted};
@@ -40,6 +41,9 @@ use crate::replication::wire::{Frame, Message, NodeReport, SyncMode, WireLineage
 
 /// Bitmap words per `Bitmap` frame during the exchange.
 const BITMAP_WORDS_PER_FRAME: usize = 64 << 10;
+/// After a peer refused a resync offer, the next offer waits this long:
+/// a refusal while it promotes would otherwise repeat at network speed.
+const RESYNC_RETRY_AFTER_REFUSAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// A resync or verify with one peer.
 #[derive(Debug)]
@@ -51,6 +55,8 @@ pub(super) struct SyncRun {
     pub verify: bool,
     pub stats: Arc<SyncStats>,
     pub task: Option<tokio::task::AbortHandle>,
+    /// This node's data generation when the exchange began.
+    pub generation: Generation,
 }
 
 /// What the core knows of one peer.
@@ -85,6 +91,13 @@ pub(super) struct PeerState {
     /// the peer took it: reports sent before it are stale, and deciding on
     /// them would start a needless full resync.
     pub sync_end_sent: Option<Generation>,
+    /// Bits a source sent ahead of its SyncBegin: merged into this node's
+    /// bitmap only once it agrees to be the target, so a refused exchange
+    /// leaves no stale out-of-sync bits behind.
+    pub incoming_bits: Option<DirtyBitmap>,
+    /// The peer refused this node's resync offer: no new offer before
+    /// then (it may be busy promoting, or still see this node as it was).
+    pub retry_exchange_at: Option<tokio::time::Instant>,
     pub sync: Option<SyncRun>,
 }
 
@@ -105,6 +118,8 @@ impl PeerState {
             corrupt_frames: 0,
             saw_generation: None,
             sync_end_sent: None,
+            incoming_bits: None,
+            retry_exchange_at: None,
             sync: None,
         }
     }
@@ -287,6 +302,8 @@ impl Core {
             state.in_sync_at = None;
             state.left_cleanly = false;
             state.sync_end_sent = None;
+            state.incoming_bits = None;
+            state.retry_exchange_at = None;
             state.sync = None;
             state.set_wanted(Wanted::Live);
         }
@@ -364,6 +381,8 @@ impl Core {
         state.receives_writes = false;
         state.in_sync_at = None;
         state.sync_end_sent = None;
+        state.incoming_bits = None;
+        state.retry_exchange_at = None;
         if state.standalone.is_none() {
             state.set_wanted(Wanted::Connect);
         }
@@ -435,6 +454,7 @@ impl Core {
             Message::BitmapDone => self.on_bitmap_done(peer),
             Message::SyncRefuse { reason } => {
                 tracing::info!(peer = %self.peer_name(peer), reason = %reason, "resync refused by the target");
+                let report = self.report_for(peer);
                 if let Some(state) = self.peers.get_mut(&peer) {
                     if let Some(run) = state.sync.take() {
                         if let Some(task) = run.task {
@@ -442,6 +462,14 @@ impl Core {
                         }
                     }
                     state.replication = ReplicationState::Established;
+                    // The target may have refused on a stale view of this
+                    // node: give it a fresh one, and a moment, before the
+                    // next offer.
+                    state.retry_exchange_at =
+                        Some(tokio::time::Instant::now() + RESYNC_RETRY_AFTER_REFUSAL);
+                    if let Some(link) = &state.link {
+                        link.send(Message::Report(report), Bytes::new());
+                    }
                 }
             }
             Message::SyncEnd { lineage } => self.on_sync_end(peer, &lineage),
@@ -710,6 +738,23 @@ impl Core {
         side_from_report(self.me.id, &report, peer)
     }
 
+    /// Offers a resync again to peers whose refusal has aged.
+    pub(super) fn retry_refused_exchanges(&mut self) {
+        let now = tokio::time::Instant::now();
+        let due: Vec<u8> = self
+            .peers
+            .iter_mut()
+            .filter(|(_, p)| p.retry_exchange_at.is_some_and(|at| at <= now))
+            .map(|(&id, p)| {
+                p.retry_exchange_at = None;
+                id
+            })
+            .collect();
+        for peer in due {
+            self.re_evaluate(peer);
+        }
+    }
+
     pub(super) fn re_evaluate_all(&mut self) {
         let ids: Vec<u8> = self.peers.keys().copied().collect();
         for id in ids {
@@ -725,16 +770,23 @@ impl Core {
         let Some(state) = self.peers.get(&peer) else {
             return;
         };
+        // A generation being recorded may yet fail: deciding on it (this
+        // node's or the peer's) could see a divergence that never happens.
+        // The end of the record sends reports and decides again.
         if !state.node.is_data()
             || !state.connected()
             || state.sync.is_some()
             || state.split_brain
             || state.sync_end_sent.is_some()
+            || state.retry_exchange_at.is_some()
+            || self.generation_change.is_some()
         {
             return;
         }
         let Some(report) = &state.report else { return };
-        if matches!(report.disk, DiskState::Diskless | DiskState::Failed) {
+        if matches!(report.disk, DiskState::Diskless | DiskState::Failed)
+            || report.recording_generation
+        {
             return;
         }
         let theirs = side_from_report(peer, report, self.me.id);
@@ -827,6 +879,7 @@ impl Core {
             return;
         };
         let sb = self.meta.superblock();
+        let generation = sb.lineage.current;
         let report = self.peers.get(&peer).and_then(|p| p.report.clone());
         let Some(report) = report else { return };
         let tracking = sb
@@ -865,16 +918,35 @@ impl Core {
             verify: false,
             stats: Arc::new(SyncStats::new(total_bytes)),
             task: None,
+            generation,
         });
     }
 
     fn on_bitmap_words(&mut self, peer: u8, first_word: u64, payload: &[u8]) {
         let Some(tracker) = &self.tracker else { return };
+        let Some(blocks) = tracker.with_bitmap(peer, |b| b.blocks()) else {
+            return;
+        };
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
         let words: Vec<u64> = payload
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
             .collect();
-        tracker.with_bitmap(peer, |b| b.merge_words(first_word, &words));
+        if state
+            .sync
+            .as_ref()
+            .is_some_and(|r| r.source && !r.streaming)
+        {
+            // The target's answer to this node's exchange.
+            tracker.with_bitmap(peer, |b| b.merge_words(first_word, &words));
+        } else {
+            state
+                .incoming_bits
+                .get_or_insert_with(|| DirtyBitmap::new(blocks))
+                .merge_words(first_word, &words);
+        }
     }
 
     /// We are the target: answer with our bits, then receive.
@@ -934,18 +1006,27 @@ impl Core {
                 self.meta.superblock().lineage.current
             );
             tracing::info!(peer = %self.peer_name(peer), "resync refused: the source's view of this node is stale");
+            if let Some(state) = self.peers.get_mut(&peer) {
+                state.incoming_bits = None;
+            }
             if let Some(link) = self.peers.get(&peer).and_then(|p| p.link.clone()) {
                 link.send(Message::SyncRefuse { reason }, Bytes::new());
                 link.send(Message::Report(self.report_for(peer)), Bytes::new());
             }
             return;
         }
+        let generation = self.meta.superblock().lineage.current;
         let Some(state) = self.peers.get_mut(&peer) else {
             return;
         };
         let Some(link) = state.link.clone() else {
             return;
         };
+        if let Some(incoming) = state.incoming_bits.take() {
+            for (first_word, words) in incoming.set_word_chunks(BITMAP_WORDS_PER_FRAME) {
+                tracker.with_bitmap(peer, |b| b.merge_words(first_word, &words));
+            }
+        }
         let chunks = tracker
             .with_bitmap(peer, |b| b.set_word_chunks(BITMAP_WORDS_PER_FRAME))
             .unwrap_or_default();
@@ -963,6 +1044,7 @@ impl Core {
             verify: false,
             stats: Arc::new(SyncStats::new(union)),
             task: None,
+            generation,
         });
         let name = state.node.name.clone();
         if mode == SyncMode::Hash || union > 0 {
@@ -1028,6 +1110,7 @@ impl Core {
     pub(super) fn sync_done(&mut self, peer: u8, session: u64, result: Result<(), SyncError>) {
         let lineage = WireLineage::from(&self.meta.superblock().lineage);
         let generation = self.meta.superblock().lineage.current;
+        let primary = self.role == Role::Primary;
         let Some(state) = self.peers.get_mut(&peer) else {
             return;
         };
@@ -1035,7 +1118,18 @@ impl Core {
             return;
         }
         let name = state.node.name.clone();
+        let began_in = state.sync.as_ref().map(|r| r.generation);
         match result {
+            Ok(()) if !primary && began_in != Some(generation) => {
+                // This node took another node's generation while streaming
+                // (adopted a Primary's, or finished a resync of its own):
+                // the target does not get that generation's writes, so no
+                // SyncEnd may hand it over. The reconnection decides again.
+                tracing::warn!(peer = %name, "resync done, but this node's generation moved on meanwhile; reconnecting to decide again");
+                if let Some(link) = &state.link {
+                    link.close("the resync source's generation moved on");
+                }
+            }
             Ok(()) => {
                 let bytes = state.sync.as_ref().map_or(0, |r| {
                     r.stats
@@ -1143,6 +1237,13 @@ impl Core {
             state.replication = ReplicationState::Established;
             state.discard_my_data = false;
             state.in_sync_at = Some(generation);
+            // The SyncEnd is the source's newest word on its data: a report
+            // it sent before (an older generation) must not make this node
+            // resync it back.
+            if let Some(report) = state.report.as_mut() {
+                report.lineage = WireLineage::from(&lineage);
+                report.disk = DiskState::UpToDate;
+            }
         }
         tracing::info!(peer = %self.peer_name(peer), %generation, "resync done (target): UpToDate");
         self.send_reports();
@@ -1211,7 +1312,6 @@ impl Core {
         self.send_reports();
     }
 
-    /// The write targets: peers past the bitmap exchange.
     /// Drops the connection to a peer; the reconnection starts over with a
     /// fresh exchange of states.
     fn close_link(&self, peer: u8, why: &str) {
@@ -1232,6 +1332,7 @@ impl Core {
         }
     }
 
+    /// The write targets: peers past the bitmap exchange.
     pub(super) fn refresh_targets(&self) {
         let Some(volume) = &self.volume else { return };
         // A link that closed but whose loss is not handled yet stays a
@@ -1397,6 +1498,7 @@ impl Core {
             verify: true,
             stats,
             task: Some(task.abort_handle()),
+            generation: self.meta.superblock().lineage.current,
         });
         tracing::info!(peer = %state.node.name, "online verify started");
         self.verify_callers.insert(peer, reply);

@@ -442,6 +442,7 @@ impl Core {
     ) {
         let generation = Generation::random();
         let previous = self.meta.superblock().lineage.clone();
+        let known_before = self.meta.superblock().known;
         if let Err(e) = self.meta.update(|sb| {
             sb.lineage.advance(generation);
             sb.known = generation;
@@ -496,17 +497,19 @@ impl Core {
             }
         }
         let mut callers = callers;
-        let mut previous = previous;
+        let (mut previous, mut known_before) = (previous, known_before);
         if let Some(old) = self.generation_change.take() {
             // A change still unrecorded is superseded by this one.
             callers.extend(old.callers);
             previous = old.previous;
+            known_before = old.known_before;
         }
         let asked = waiting.len();
         self.generation_change = Some(GenerationChange {
             token,
             generation,
             previous,
+            known_before,
             asked,
             waiting,
             accepted: vec![self.me.id],
@@ -588,6 +591,7 @@ impl Core {
                 );
             }
             self.send_reports();
+            self.re_evaluate_all();
             return;
         }
         // No majority: back to the previous data generation, keeping the
@@ -608,6 +612,12 @@ impl Core {
                 .history
                 .truncate(super::generation::MAX_GENERATION_HISTORY);
             sb.lineage = lineage;
+            // No write was acknowledged in the failed generation, so this
+            // node need not hold out for it as a voter: kept, it would
+            // refuse every generation of a Primary the majority chose.
+            if sb.known == failed {
+                sb.known = change.known_before;
+            }
         });
         let refusal = format!(
             "refused: could not record the new generation on a majority (accepted by {} of {} voters: {}); \
@@ -635,6 +645,7 @@ impl Core {
             self.apply_no_quorum();
         }
         self.send_reports();
+        self.re_evaluate_all();
     }
 
     pub(super) fn open_gate(&self) {

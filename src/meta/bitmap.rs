@@ -174,7 +174,10 @@ impl DirtyBitmap {
         let last_word = self.words.len().saturating_sub(1);
         let tail_bits = self.blocks % 64;
         for (i, &word) in words.iter().enumerate() {
-            let Ok(index) = usize::try_from(first_word + i as u64) else {
+            let Some(index) = first_word
+                .checked_add(i as u64)
+                .and_then(|index| usize::try_from(index).ok())
+            else {
                 return;
             };
             if index > last_word || word == 0 {

@@ -64,6 +64,9 @@ pub struct NodeReport {
     /// It may have acknowledged writes in its current data generation
     /// (for `after-split-brain = "discard-zero-changes"`).
     pub wrote_in_generation: bool,
+    /// Its current generation is not recorded on a majority yet (it may
+    /// never be): peers decide nothing on it until it is settled.
+    pub recording_generation: bool,
 }
 
 /// A lineage on the wire.
@@ -477,6 +480,7 @@ mod tests {
             needs_full_sync: false,
             discard_my_data: true,
             wrote_in_generation: true,
+            recording_generation: true,
         }
     }
 
