@@ -415,20 +415,35 @@ measure_resync() {
         --size=512M --output-format=json >"$WORK/fio-resync.txt" 2>&1 || die "fio (resync) failed"
     written=$(parse_fio_written "$WORK/fio-resync.txt")
     oos=$(hablk_node "$cluster" alpha status --json | sed -n 's/.*"out_of_sync_bytes":\([0-9]*\).*/\1/p')
+    # Earlier runs' dirty pages would otherwise be written back during the
+    # resync and be counted against it.
+    sync
     started=$(date +%s%N)
     start_cluster_node "$cluster" beta
     # beta comes up Consistent and is UpToDate only once resynced.
     hablk_node "$cluster" beta wait-sync --timeout 600s >/dev/null
     elapsed=$(( $(date +%s%N) - started ))
     sent=$(sed -n 's/.*resync done (source).*data_bytes_sent=\([0-9]*\).*/\1/p' "$WORK/$cluster-alpha.log" | tail -n 1)
-    "$PY" - "$written" "$oos" "${sent:-0}" "$elapsed" <<'PY'
-import sys
+    "$PY" - "$written" "$oos" "${sent:-0}" "$elapsed" "$WORK/$cluster-alpha.log" <<'PY'
+import re, sys
+from datetime import datetime
 written, oos, sent, elapsed_ns = (int(x) for x in sys.argv[1:5])
 seconds = elapsed_ns / 1e9
+# The streaming itself, from the source's log: its last "streaming" line to
+# its "resync done (source)" line.
+stamps = {}
+for line in open(sys.argv[5], encoding="utf-8", errors="replace"):
+    for key, text in (("start", "resync: streaming"), ("end", "resync done (source)")):
+        if text in line:
+            stamps[key] = datetime.fromisoformat(re.sub(r"(\.\d{6})\d*Z", r"\1+00:00", line.split()[0]))
 print(f"  written while beta was away:  {written / 2**20:9.1f} MiB")
 print(f"  out of sync (bitmap):         {oos / 2**20:9.1f} MiB")
 print(f"  resync data sent:             {sent / 2**20:9.1f} MiB  ({sent / written if written else 0:.3f} x written)")
 print(f"  beta up -> in sync:           {seconds:9.2f} s  ({oos / seconds / 2**30 if seconds else 0:.2f} GiB/s of dirty data, reconnect included)")
+if "start" in stamps and "end" in stamps:
+    streaming = (stamps["end"] - stamps["start"]).total_seconds()
+    if streaming > 0:
+        print(f"  streaming the resync:         {streaming:9.2f} s  ({sent / streaming / 2**30:.2f} GiB/s)")
 PY
     stop_cluster "$cluster"
 }

@@ -22,8 +22,11 @@ use crate::config::Config;
 use std::collections::BTreeMap;
 
 /// First retry delay after a failed dial; doubles up to the maximum.
-pub const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(100);
-pub const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(1);
+pub const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// Only the lower id dials, so a returning peer waits up to this long to be
+/// found again (and its resync to start). Kept short: a refused dial costs
+/// nothing, and one to a silent host is paced by its own timeout.
+pub const DIAL_BACKOFF_MAX: Duration = Duration::from_millis(250);
 /// A session that lived this long was a real connection: the next dial
 /// after it ends needs no backoff.
 const SESSION_STABLE: Duration = Duration::from_secs(2);
