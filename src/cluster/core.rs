@@ -703,24 +703,25 @@ impl Core {
 
     pub fn status(&self) -> Status {
         let sb = self.meta.superblock();
+        let gate = self.volume.as_ref().map(|v| v.gate());
+        // A Primary has quorum only while a majority backs its writes: its
+        // lease is valid and its generation recorded (the gate is open).
+        // One that wakes from a pause sees its old peers again before it
+        // learns whether it was replaced.
+        let backed = self.lease.valid() && matches!(gate, Some(Gate::Open { .. }));
         Status {
             resource: self.config.resource.name.clone(),
             node: self.me.name.clone(),
             role: self.role,
             disk: self.disk,
-            // A Primary whose lease lapsed cannot tell whether a majority
-            // still backs it: it may already have been replaced.
-            quorum: self.quorum() && (self.role != Role::Primary || self.lease.valid()),
+            quorum: self.quorum() && (self.role != Role::Primary || backed),
             generation: sb.lineage.current.into(),
             known_generation: sb.known.into(),
             size_bytes: match (self.me.is_data(), sb.data_size_bytes) {
                 (true, size) if size > 0 => Some(size),
                 _ => None,
             },
-            io_suspended: matches!(
-                self.volume.as_ref().map(|v| v.gate()),
-                Some(Gate::Held { .. })
-            ),
+            io_suspended: matches!(gate, Some(Gate::Held { .. })),
             lease_wait_ms: 0,
             nbd: self.me.nbd().map(|listen| NbdStatus {
                 listen: listen.to_string(),
