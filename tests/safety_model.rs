@@ -26,7 +26,10 @@
 //! promoting node refuses another node's generation — and without a
 //! majority the recorder goes back to its previous generation, keeping the
 //! failed id in its history and its `known` as before the attempt (no
-//! write was acknowledged in it); no connect decision is taken while a
+//! write was acknowledged in it); a voter whose `known` shows up in the
+//! history of a peer's settled lineage (a successor, or a record given up)
+//! follows that lineage's current generation; rule (b) counts a voter's
+//! connection to a node whose role it has not heard yet as a Primary; no connect decision is taken while a
 //! generation is being recorded, on either side (reports say so), and the
 //! end of the record decides again; a failed *promotion* also closes the link to every peer
 //! it streams a resync to (`drop_source_resyncs`) before stepping down;
@@ -496,6 +499,7 @@ struct Stats {
     resyncs: u64,
     split_brains: u64,
     generations_failed: u64,
+    votes_followed: u64,
     two_writable_primaries: u64,
 }
 
@@ -749,10 +753,12 @@ impl Sim {
             if report.role == Role::Primary {
                 return Some((j, j));
             }
+            // A connection whose role is not reported yet may be to a
+            // Primary.
             if let Some(&(k, _)) = report
                 .connections
                 .iter()
-                .find(|&&(k, role)| role == Role::Primary && k != i)
+                .find(|&&(k, role)| matches!(role, Role::Primary | Role::Unknown) && k != i)
             {
                 return Some((j, k));
             }
@@ -847,6 +853,32 @@ impl Sim {
         }
     }
 
+    /// `follow_superseded_vote`: a settled lineage that has this voter's
+    /// `known` in its history moved past it (a successor, or its recorder
+    /// gave it up): the vote follows that lineage's current generation.
+    fn follow_superseded_vote(&mut self, i: usize, j: usize, report: &Report) {
+        let node = &self.nodes[i];
+        if node.role == Role::Primary
+            || node.promotion.is_some()
+            || node.gen_change.is_some()
+            || report.recording
+            || node.known == Generation::INITIAL
+            || node.known == report.lineage.current
+            || !report.lineage.history.contains(&node.known)
+        {
+            return;
+        }
+        self.note(format!(
+            "{}: vote follows {}'s lineage from {} to {}",
+            self.name(i),
+            self.name(j),
+            fmt_gen(node.known),
+            fmt_gen(report.lineage.current)
+        ));
+        self.nodes[i].known = report.lineage.current;
+        self.stats.votes_followed += 1;
+    }
+
     fn on_report(&mut self, i: usize, j: usize, report: Report) {
         let first = self.nodes[i].peers[j].report.is_none();
         let peer_is_data = self.is_data(j);
@@ -862,6 +894,7 @@ impl Sim {
         {
             self.nodes[i].peers[j].sync_end_sent = None;
         }
+        self.follow_superseded_vote(i, j, &report);
         let (disk_before, role_before) = (self.nodes[i].disk, self.nodes[i].role);
         if self.nodes[i].role == Role::Primary
             && peer_is_data
@@ -2255,6 +2288,7 @@ fn run(setup: &'static Setup) {
         total.resyncs += stats.resyncs;
         total.split_brains += stats.split_brains;
         total.generations_failed += stats.generations_failed;
+        total.votes_followed += stats.votes_followed;
         total.two_writable_primaries += u64::from(stats.two_writable_primaries > 0);
         if let Some(violation) = violation {
             let shrunk = shrink(setup, events.clone(), &violation);
@@ -2273,8 +2307,8 @@ fn run(setup: &'static Setup) {
     }
     println!(
         "{}: {} histories, {} steps, {} promotions, {} acknowledged writes, {} resyncs, \
-         {} split-brains detected, {} generations not recorded, {} histories with two \
-         writable Primaries",
+         {} split-brains detected, {} generations not recorded, {} votes moved past a \
+         superseded generation, {} histories with two writable Primaries",
         setup.name,
         total.histories,
         total.steps,
@@ -2283,6 +2317,7 @@ fn run(setup: &'static Setup) {
         total.resyncs,
         total.split_brains,
         total.generations_failed,
+        total.votes_followed,
         total.two_writable_primaries
     );
     // The histories must reach what the invariants are about.

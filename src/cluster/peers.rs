@@ -237,12 +237,18 @@ impl Core {
             if report.role == Role::Primary {
                 return Some((peer.node.name.clone(), peer.node.name.clone()));
             }
-            if let Some(&(id, _)) = report
-                .connections
-                .iter()
-                .find(|&&(id, role)| role == Role::Primary && id != self.me.id)
-            {
-                return Some((peer.node.name.clone(), self.peer_name(id)));
+            // A connection whose role the peer has not heard yet may be to a
+            // Primary: the promotion asks again once it has.
+            if let Some(&(id, role)) = report.connections.iter().find(|&&(id, role)| {
+                matches!(role, Role::Primary | Role::Unknown) && id != self.me.id
+            }) {
+                let name = self.peer_name(id);
+                let primary = if role == Role::Unknown {
+                    format!("{name} (its role not yet reported)")
+                } else {
+                    name
+                };
+                return Some((peer.node.name.clone(), primary));
             }
         }
         None
@@ -575,6 +581,32 @@ impl Core {
         }
     }
 
+    /// A settled lineage that holds this voter's `known` in its history has
+    /// moved past it: to a successor, or its recorder gave it up (no write
+    /// was acknowledged in it). The vote follows that lineage's current
+    /// generation; kept, a generation whose record failed would make this
+    /// voter refuse every generation of a Primary the majority chose.
+    fn follow_superseded_vote(&mut self, peer_name: &str, report: &NodeReport) {
+        let known = self.meta.superblock().known;
+        let theirs = Generation(report.lineage.current);
+        if self.role == Role::Primary
+            || self.promotion.is_some()
+            || self.generation_change.is_some()
+            || report.recording_generation
+            || known == Generation::INITIAL
+            || known == theirs
+            || !report.lineage.history.contains(&known.0)
+        {
+            return;
+        }
+        match self.meta.update(|sb| sb.known = theirs) {
+            Ok(()) => {
+                tracing::info!(peer = %peer_name, from = %known, to = %theirs, "recorded generation superseded in the peer's lineage; this voter follows it");
+            }
+            Err(e) => tracing::error!(error = %e, "cannot record the superseded vote"),
+        }
+    }
+
     fn on_report(&mut self, peer: u8, report: NodeReport) {
         let Some(state) = self.peers.get_mut(&peer) else {
             return;
@@ -602,6 +634,7 @@ impl Core {
         {
             state.sync_end_sent = None;
         }
+        self.follow_superseded_vote(&name, &report);
         if first && peer_is_data && self.me.is_data() {
             let sb = self.meta.superblock();
             if sb.data_size_bytes > 0 && report.capacity_bytes < sb.data_size_bytes {
