@@ -46,10 +46,6 @@ fn primary(engine: Engine, disk_bytes: u64) -> (Cluster, String, u64) {
     (cluster, uri, size)
 }
 
-fn stdout_of(command: &mut Command) -> String {
-    String::from_utf8(run_ok(command).stdout).unwrap()
-}
-
 fn qemu_io(uri: &str, commands: &[&str]) -> String {
     let mut command = Command::new("qemu-io");
     command.args(["-f", "raw"]);
@@ -78,12 +74,6 @@ fn allocation_map(uri: &str) -> Vec<(u64, u64, String)> {
             )
         })
         .collect()
-}
-
-fn random_file(path: &Path, bytes: u64) {
-    let mut source = std::fs::File::open("/dev/urandom").unwrap().take(bytes);
-    let mut target = std::fs::File::create(path).unwrap();
-    assert_eq!(std::io::copy(&mut source, &mut target).unwrap(), bytes);
 }
 
 // ---------------------------------------------------------------------------

@@ -15,7 +15,6 @@
 mod common;
 
 use std::io::Read;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -52,24 +51,6 @@ fn data_names(cluster: &Cluster) -> Vec<String> {
 
 fn refs(names: &[String]) -> Vec<&str> {
     names.iter().map(String::as_str).collect()
-}
-
-fn all_connected(status: &Value) -> bool {
-    status["peers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .all(|p| p["connection"] == "Connected" && p["peer_disk"] != "DUnknown")
-}
-
-/// Starts every node and waits until each sees every other one.
-fn up_all(cluster: &mut Cluster) {
-    for name in names(cluster) {
-        cluster.up(&name);
-    }
-    for name in names(cluster) {
-        cluster.wait_status(&name, "every peer Connected", all_connected);
-    }
 }
 
 /// Starts every node, `skip-initial-sync`, and `primary` on `alpha`;
@@ -156,14 +137,6 @@ fn qemu_io_wait(mut child: Child) -> (bool, String) {
     (ok, text)
 }
 
-fn read_at(path: &Path, offset: u64, len: u64) -> Vec<u8> {
-    use std::os::unix::fs::FileExt;
-    let file = std::fs::File::open(path).unwrap();
-    let mut data = vec![0; len as usize];
-    file.read_exact_at(&mut data, offset).unwrap();
-    data
-}
-
 /// Asserts that `len` bytes at `offset` of a node's backing disk are all
 /// `byte`.
 #[track_caller]
@@ -176,79 +149,6 @@ fn assert_disk_holds(cluster: &Cluster, node: &str, offset: u64, len: u64, byte:
         wrong.unwrap_or(0),
         data[wrong.unwrap_or(0)]
     );
-}
-
-fn random_file(path: &Path, len: u64) {
-    let mut data = Vec::new();
-    std::fs::File::open("/dev/urandom")
-        .unwrap()
-        .take(len)
-        .read_to_end(&mut data)
-        .unwrap();
-    std::fs::write(path, data).unwrap();
-}
-
-/// A daemon log without ANSI colour codes.
-fn log_text(cluster: &Cluster, node: &str) -> String {
-    strip_ansi(&std::fs::read_to_string(cluster.log(node)).unwrap_or_default())
-}
-
-/// Waits until a node's log has a line containing `needle`; returns it.
-#[track_caller]
-fn wait_log(cluster: &Cluster, node: &str, needle: &str) -> String {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let log = log_text(cluster, node);
-        if let Some(line) = log.lines().find(|l| l.contains(needle)) {
-            return line.to_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no line with {needle:?} in {node}'s log:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// `wait-sync` on `node` must return 0.
-#[track_caller]
-fn wait_sync(cluster: &Cluster, node: &str) {
-    let (code, stdout, stderr) = cluster.cmd(node, &["wait-sync", "--timeout", "30s"]);
-    assert_eq!(
-        code,
-        0,
-        "wait-sync on {node}: {stdout}{stderr}\nstatus: {}",
-        cluster.status(node)
-    );
-}
-
-/// The data areas of `nodes` are byte-identical.
-#[track_caller]
-fn assert_identical(cluster: &Cluster, nodes: &[&str], size: u64) {
-    let sums: Vec<(String, String)> = nodes
-        .iter()
-        .map(|n| ((*n).to_owned(), cluster.data_md5(n, size)))
-        .collect();
-    assert!(
-        sums.windows(2).all(|w| w[0].1 == w[1].1),
-        "data areas differ: {sums:?}"
-    );
-}
-
-/// Both nodes see each other Connected, UpToDate, Established, nothing
-/// out of sync and no split-brain.
-#[track_caller]
-fn assert_in_sync(cluster: &Cluster, a: &str, b: &str) {
-    for (node, peer) in [(a, b), (b, a)] {
-        let status = cluster.status(node);
-        assert_eq!(status["disk"], "UpToDate", "{node}: {status}");
-        let p = peer_of(&status, peer);
-        assert_eq!(p["connection"], "Connected", "{node}: {status}");
-        assert_eq!(p["peer_disk"], "UpToDate", "{node}: {status}");
-        assert_eq!(p["replication"], "Established", "{node}: {status}");
-        assert_eq!(p["split_brain"], false, "{node}: {status}");
-        assert_eq!(p["out_of_sync_bytes"], 0, "{node}: {status}");
-    }
 }
 
 /// No event in `events` (drained now) reported a split-brain.

@@ -34,10 +34,6 @@ const ALONE_OK: &str = "ping-timeout = \"1s\"\nquorum = \"off\"";
 
 // --- helpers ----------------------------------------------------------------
 
-fn stdout_of(command: &mut Command) -> String {
-    String::from_utf8(run_ok(command).stdout).unwrap()
-}
-
 /// Runs qemu-io commands against `uri`; every one must succeed.
 #[track_caller]
 fn qemu_io(uri: &str, commands: &[&str]) -> String {
@@ -54,56 +50,12 @@ fn qemu_io(uri: &str, commands: &[&str]) -> String {
     stdout
 }
 
-fn random_bytes(len: u64) -> Vec<u8> {
-    let mut data = Vec::new();
-    std::fs::File::open("/dev/urandom")
-        .unwrap()
-        .take(len)
-        .read_to_end(&mut data)
-        .unwrap();
-    data
-}
-
-fn random_file(path: &Path, len: u64) {
-    std::fs::write(path, random_bytes(len)).unwrap();
-}
-
 /// Writes `data` at `offset` of a node's backing file, behind the daemon's
 /// back (like `dd conv=notrunc`).
 fn write_behind(path: &Path, offset: u64, data: &[u8]) {
     let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
     file.write_all_at(data, offset).unwrap();
     file.sync_all().unwrap();
-}
-
-fn read_at(path: &Path, offset: u64, len: u64) -> Vec<u8> {
-    let file = std::fs::File::open(path).unwrap();
-    let mut data = vec![0; len as usize];
-    file.read_exact_at(&mut data, offset).unwrap();
-    data
-}
-
-/// Starts every node and waits until each sees every other one connected
-/// with its report (peer disk known).
-fn up_all(cluster: &mut Cluster) {
-    let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
-    for name in &names {
-        cluster.up(name);
-    }
-    for name in &names {
-        wait_all_connected(cluster, name);
-    }
-}
-
-#[track_caller]
-fn wait_all_connected(cluster: &Cluster, node: &str) -> Value {
-    cluster.wait_status(node, "every peer Connected", |s| {
-        s["peers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|p| p["connection"] == "Connected" && p["peer_disk"] != "DUnknown")
-    })
 }
 
 #[track_caller]
@@ -149,70 +101,6 @@ fn promote(cluster: &Cluster, node: &str) -> u64 {
 fn skip_sync_and_promote(cluster: &Cluster, primary: &str) -> u64 {
     skip_initial_sync(cluster, primary);
     promote(cluster, primary)
-}
-
-/// `wait-sync` on `node` must return 0.
-#[track_caller]
-fn wait_sync(cluster: &Cluster, node: &str) {
-    let started = Instant::now();
-    let (code, stdout, stderr) = cluster.cmd(node, &["wait-sync", "--timeout", "30s"]);
-    assert_eq!(
-        code,
-        0,
-        "wait-sync on {node} after {:?}: {stdout}{stderr}\nstatus: {}",
-        started.elapsed(),
-        cluster.status(node)
-    );
-}
-
-/// The data areas (first `size` bytes) of `nodes` are byte-identical.
-#[track_caller]
-fn assert_identical(cluster: &Cluster, nodes: &[&str], size: u64) {
-    let sums: Vec<(String, String)> = nodes
-        .iter()
-        .map(|n| ((*n).to_owned(), cluster.data_md5(n, size)))
-        .collect();
-    assert!(
-        sums.windows(2).all(|w| w[0].1 == w[1].1),
-        "data areas differ: {sums:?}"
-    );
-}
-
-/// Both nodes report the other UpToDate with nothing out of sync.
-#[track_caller]
-fn assert_in_sync(cluster: &Cluster, a: &str, b: &str) {
-    for (node, peer) in [(a, b), (b, a)] {
-        let status = cluster.status(node);
-        assert_eq!(status["disk"], "UpToDate", "{node}: {status}");
-        let p = peer_of(&status, peer);
-        assert_eq!(p["connection"], "Connected", "{node}: {status}");
-        assert_eq!(p["peer_disk"], "UpToDate", "{node}: {status}");
-        assert_eq!(p["replication"], "Established", "{node}: {status}");
-        assert_eq!(p["out_of_sync_bytes"], 0, "{node}: {status}");
-        assert_eq!(p["sync"]["active"], false, "{node}: {status}");
-    }
-}
-
-/// A daemon log without ANSI colour codes.
-fn log_text(cluster: &Cluster, node: &str) -> String {
-    strip_ansi(&std::fs::read_to_string(cluster.log(node)).unwrap_or_default())
-}
-
-/// Waits until a node's log has a line containing `needle`; returns it.
-#[track_caller]
-fn wait_log(cluster: &Cluster, node: &str, needle: &str) -> String {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let log = log_text(cluster, node);
-        if let Some(line) = log.lines().find(|l| l.contains(needle)) {
-            return line.to_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no line with {needle:?} in {node}'s log:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// How many lines a node's log has: a mark for [`log_fields`].

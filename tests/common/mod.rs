@@ -514,3 +514,125 @@ pub fn nbdsh(uri: &str, script: &str) -> Output {
         .output()
         .expect("nbdsh")
 }
+
+// --- helpers shared by the test binaries ------------------------------------------
+
+/// A command's stdout; the command must succeed.
+pub fn stdout_of(command: &mut Command) -> String {
+    String::from_utf8(run_ok(command).stdout).unwrap()
+}
+
+pub fn random_bytes(len: u64) -> Vec<u8> {
+    use std::io::Read;
+    let mut data = Vec::new();
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .take(len)
+        .read_to_end(&mut data)
+        .unwrap();
+    data
+}
+
+pub fn random_file(path: &Path, len: u64) {
+    std::fs::write(path, random_bytes(len)).unwrap();
+}
+
+pub fn read_at(path: &Path, offset: u64, len: u64) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(path).unwrap();
+    let mut data = vec![0; len as usize];
+    file.read_exact_at(&mut data, offset).unwrap();
+    data
+}
+
+/// A daemon log without ANSI colour codes.
+pub fn log_text(cluster: &Cluster, node: &str) -> String {
+    strip_ansi(&std::fs::read_to_string(cluster.log(node)).unwrap_or_default())
+}
+
+/// Waits until a node's log has a line containing `needle`; returns it.
+#[track_caller]
+pub fn wait_log(cluster: &Cluster, node: &str, needle: &str) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let log = log_text(cluster, node);
+        if let Some(line) = log.lines().find(|l| l.contains(needle)) {
+            return line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no line with {needle:?} in {node}'s log:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Every peer of this status is Connected and has reported its disk.
+pub fn all_connected(status: &Value) -> bool {
+    status["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|p| p["connection"] == "Connected" && p["peer_disk"] != "DUnknown")
+}
+
+#[track_caller]
+pub fn wait_all_connected(cluster: &Cluster, node: &str) -> Value {
+    cluster.wait_status(node, "every peer Connected", all_connected)
+}
+
+/// Starts every node and waits until each sees every other one connected
+/// with its report (peer disk known).
+pub fn up_all(cluster: &mut Cluster) {
+    let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
+    for name in &names {
+        cluster.up(name);
+    }
+    for name in &names {
+        wait_all_connected(cluster, name);
+    }
+}
+
+/// `wait-sync` on `node` must return 0.
+#[track_caller]
+pub fn wait_sync(cluster: &Cluster, node: &str) {
+    let started = Instant::now();
+    let (code, stdout, stderr) = cluster.cmd(node, &["wait-sync", "--timeout", "30s"]);
+    assert_eq!(
+        code,
+        0,
+        "wait-sync on {node} after {:?}: {stdout}{stderr}\nstatus: {}",
+        started.elapsed(),
+        cluster.status(node)
+    );
+}
+
+/// The data areas (first `size` bytes) of `nodes` are byte-identical.
+#[track_caller]
+pub fn assert_identical(cluster: &Cluster, nodes: &[&str], size: u64) {
+    let sums: Vec<(String, String)> = nodes
+        .iter()
+        .map(|n| ((*n).to_owned(), cluster.data_md5(n, size)))
+        .collect();
+    assert!(
+        sums.windows(2).all(|w| w[0].1 == w[1].1),
+        "data areas differ: {sums:?}"
+    );
+}
+
+/// Both nodes see each other Connected, UpToDate, Established, nothing out
+/// of sync, no resync running and no split-brain.
+#[track_caller]
+pub fn assert_in_sync(cluster: &Cluster, a: &str, b: &str) {
+    for (node, peer) in [(a, b), (b, a)] {
+        let status = cluster.status(node);
+        assert_eq!(status["disk"], "UpToDate", "{node}: {status}");
+        let p = peer_of(&status, peer);
+        assert_eq!(p["connection"], "Connected", "{node}: {status}");
+        assert_eq!(p["peer_disk"], "UpToDate", "{node}: {status}");
+        assert_eq!(p["replication"], "Established", "{node}: {status}");
+        assert_eq!(p["split_brain"], false, "{node}: {status}");
+        assert_eq!(p["out_of_sync_bytes"], 0, "{node}: {status}");
+        assert_eq!(p["sync"]["active"], false, "{node}: {status}");
+    }
+}
