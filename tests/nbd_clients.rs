@@ -9,9 +9,9 @@
 mod common;
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
+use common::faults::ExportFs;
 use common::*;
 use serde_json::Value;
 
@@ -370,115 +370,6 @@ fn fio_verifies_crc32c_over_four_connections_threads() {
 
 // ---------------------------------------------------------------------------
 
-/// An ext4 file system on the export: nbdfuse → loop device → mount. Every
-/// step taken is undone when dropped, even if the test failed.
-#[derive(Debug)]
-struct Mounted {
-    fuse_dir: PathBuf,
-    mount_dir: PathBuf,
-    nbdfuse: Option<Child>,
-    loop_device: Option<String>,
-    mounted: bool,
-}
-
-impl Mounted {
-    /// Starts nbdfuse and attaches a loop device to its file.
-    fn attach(uri: &str, dir: &Path, round: u32) -> Mounted {
-        let fuse_dir = dir.join(format!("fuse{round}"));
-        let mount_dir = dir.join("mnt");
-        std::fs::create_dir_all(&fuse_dir).unwrap();
-        std::fs::create_dir_all(&mount_dir).unwrap();
-        let pid_file = dir.join(format!("nbdfuse{round}.pid"));
-        let log = std::fs::File::create(dir.join(format!("nbdfuse{round}.log"))).unwrap();
-        let child = Command::new("nbdfuse")
-            .arg("-P")
-            .arg(&pid_file)
-            .arg(fuse_dir.join("disk"))
-            .arg(uri)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut mounted = Mounted {
-            fuse_dir,
-            mount_dir,
-            nbdfuse: Some(child),
-            loop_device: None,
-            mounted: false,
-        };
-        wait_for("nbdfuse to serve", || {
-            if let Some(status) = mounted.nbdfuse.as_mut().unwrap().try_wait().unwrap() {
-                panic!("nbdfuse exited with {status}");
-            }
-            std::fs::read_to_string(&pid_file)
-                .ok()
-                .filter(|pid| !pid.trim().is_empty())
-        });
-        let output = run_ok(
-            Command::new("losetup")
-                .args(["-f", "--show"])
-                .arg(mounted.fuse_dir.join("disk")),
-        );
-        mounted.loop_device = Some(String::from_utf8(output.stdout).unwrap().trim().to_owned());
-        mounted
-    }
-
-    fn device(&self) -> &str {
-        self.loop_device.as_deref().unwrap()
-    }
-
-    fn mount(&mut self) {
-        run_ok(
-            Command::new("mount")
-                .arg(self.device())
-                .arg(&self.mount_dir),
-        );
-        self.mounted = true;
-    }
-
-    fn umount(&mut self) {
-        run_ok(Command::new("umount").arg(&self.mount_dir));
-        self.mounted = false;
-    }
-
-    /// Detaches the loop device and unmounts nbdfuse, which then exits.
-    fn detach(mut self) {
-        assert!(!self.mounted);
-        let device = self.loop_device.take().unwrap();
-        run_ok(Command::new("losetup").args(["-d", &device]));
-        // The loop device lets go of the file asynchronously.
-        wait_for("fusermount3 -u to succeed", || {
-            run(Command::new("fusermount3").arg("-u").arg(&self.fuse_dir))
-                .status
-                .success()
-                .then_some(())
-        });
-        let mut child = self.nbdfuse.take().unwrap();
-        let status = wait_for("nbdfuse to exit", || child.try_wait().unwrap());
-        assert!(status.success(), "nbdfuse exited with {status}");
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        if self.mounted {
-            let _ = run(Command::new("umount").arg("-l").arg(&self.mount_dir));
-        }
-        if let Some(device) = self.loop_device.take() {
-            let _ = run(Command::new("losetup").args(["-d", &device]));
-        }
-        if let Some(mut child) = self.nbdfuse.take() {
-            let _ = run(Command::new("fusermount3").arg("-u").arg(&self.fuse_dir));
-            let _ = run(Command::new("fusermount3")
-                .args(["-u", "-z"])
-                .arg(&self.fuse_dir));
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 fn ext4_on_nbdfuse_survives_fsck_and_a_remount(engine: Engine) {
     // The cluster outlives the file system on it (dropped in reverse).
     let (cluster, uri, _) = primary(engine, 96 * MIB);
@@ -496,7 +387,7 @@ fn ext4_on_nbdfuse_survives_fsck_and_a_remount(engine: Engine) {
         random_file(&sources.join(name), bytes);
     }
 
-    let mut fs = Mounted::attach(&uri, dir.path(), 1);
+    let mut fs = ExportFs::attach(&uri, dir.path(), "1");
     run_ok(Command::new("mkfs.ext4").args(["-q", fs.device()]));
     fs.mount();
     std::fs::create_dir(fs.mount_dir.join("dir")).unwrap();
@@ -518,7 +409,7 @@ fn ext4_on_nbdfuse_survives_fsck_and_a_remount(engine: Engine) {
 
     // Everything anew (no cache of the first round): the data comes back
     // from the server.
-    let mut fs = Mounted::attach(&uri, dir.path(), 2);
+    let mut fs = ExportFs::attach(&uri, dir.path(), "2");
     fs.mount();
     for (name, bytes) in files {
         assert_eq!(
