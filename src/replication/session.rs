@@ -776,6 +776,30 @@ impl Session {
         None
     }
 
+    /// The bookkeeping every replicated write (data or zeroes) shares
+    /// before it is applied: refused on a diskless node, remembered as
+    /// unconfirmed, and acknowledged at once under protocols A and B.
+    fn take_replicated_write(
+        &mut self,
+        seq: u64,
+        offset: u64,
+        len: u64,
+        complete_below: u64,
+        ack_on_receipt: bool,
+    ) -> Result<(), String> {
+        if self.config.disk.is_none() {
+            return Err("peer sent data to a diskless node".into());
+        }
+        self.unconfirmed
+            .push(seq, offset, len, complete_below, self.config.disk.as_ref());
+        if ack_on_receipt {
+            self.out
+                .push(&Message::WriteAck { seq, ok: true }, Bytes::new())
+                .map_err(|e| format!("cannot encode ack: {e}"))?;
+        }
+        Ok(())
+    }
+
     fn start_job<F, M>(
         &mut self,
         jobs: &mut FuturesUnordered<F>,
@@ -860,18 +884,10 @@ impl Session {
                 ..
             } => {
                 let len = frame.payload.len() as u64;
-                if self.config.disk.is_none() {
-                    return Some("peer sent data to a diskless node".into());
-                }
-                self.unconfirmed
-                    .push(seq, offset, len, complete_below, self.config.disk.as_ref());
-                if ack_on_receipt {
-                    if let Err(e) = self
-                        .out
-                        .push(&Message::WriteAck { seq, ok: true }, Bytes::new())
-                    {
-                        return Some(format!("cannot encode ack: {e}"));
-                    }
+                if let Err(refusal) =
+                    self.take_replicated_write(seq, offset, len, complete_below, ack_on_receipt)
+                {
+                    return Some(refusal);
                 }
                 let job = Job::Write {
                     seq,
@@ -893,18 +909,10 @@ impl Session {
                 complete_below,
                 ..
             } => {
-                if self.config.disk.is_none() {
-                    return Some("peer sent data to a diskless node".into());
-                }
-                self.unconfirmed
-                    .push(seq, offset, len, complete_below, self.config.disk.as_ref());
-                if ack_on_receipt {
-                    if let Err(e) = self
-                        .out
-                        .push(&Message::WriteAck { seq, ok: true }, Bytes::new())
-                    {
-                        return Some(format!("cannot encode ack: {e}"));
-                    }
+                if let Err(refusal) =
+                    self.take_replicated_write(seq, offset, len, complete_below, ack_on_receipt)
+                {
+                    return Some(refusal);
                 }
                 let job = Job::Zeroes {
                     seq,
