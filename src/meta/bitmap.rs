@@ -329,6 +329,18 @@ mod tests {
     }
 
     #[test]
+    fn merged_words_from_a_peer_stay_inside_the_bitmap() {
+        let mut bitmap = DirtyBitmap::new(100);
+        // A hostile or confused peer: words past the end, an index that
+        // would overflow, and bits beyond the last block are all dropped.
+        bitmap.merge_words(u64::MAX, &[u64::MAX, u64::MAX]);
+        bitmap.merge_words(2, &[u64::MAX, u64::MAX]);
+        bitmap.merge_words(1, &[u64::MAX]);
+        assert_eq!(bitmap.count(), 36, "only blocks 64..100 exist in word 1");
+        assert_eq!(bitmap.next_run(0, 1000), Some(64..100));
+    }
+
+    #[test]
     fn byte_ranges_round_out_to_blocks() {
         assert_eq!(blocks_of(0, 4096), 0..1);
         assert_eq!(blocks_of(4095, 2), 0..2);
