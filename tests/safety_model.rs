@@ -29,7 +29,10 @@
 //! write was acknowledged in it); a voter whose `known` shows up in the
 //! history of a peer's settled lineage (a successor, or a record given up)
 //! follows that lineage's current generation; rule (b) counts a voter's
-//! connection to a node whose role it has not heard yet as a Primary; no connect decision is taken while a
+//! connection to a node whose role it has not heard yet as a Primary; two
+//! nodes in the same generation resync from the Primary, else from one
+//! that crashed as Primary, else from the one that wrote in it; no connect
+//! decision is taken while a
 //! generation is being recorded, on either side (reports say so), and the
 //! end of the record decides again; a failed *promotion* also closes the link to every peer
 //! it streams a resync to (`drop_source_resyncs`) before stepping down;
@@ -87,11 +90,26 @@
 //! the other lacks are never resynced (the divergence must be reported as
 //! split-brain).
 //!
-//! **Not modelled**: time. Ping timeouts, heartbeats and leases are
-//! interleavings: a lease is approximated, for INV2 only, as "really
-//! reaches a majority of voters", and promotion does not wait out a lease;
-//! rule (b)'s retry within the ping timeout (a refused promotion simply
-//! ends). Also not modelled: block contents, write ordering and epochs, the
+//! **Leases, without a clock.** Heartbeats flow on every established
+//! connection; a voter's answer renews a peer's lease only while the
+//! voter *grants* it (`grants_lease`: the peer's reported lineage holds
+//! the voter's `known`, or `known` is the generation that peer asked it to
+//! record). A renewed lease keeps counting that voter, over that session,
+//! until a `LeaseExpires` event, possible only once the voter stopped
+//! renewing it — so a lease outlives its connection and its grant, as a
+//! real one does for up to 0.8 × the ping timeout. A voter that loses a
+//! peer that was Primary, recording a generation, or whose generation it
+//! recorded, holds promotions until that lease expired (`held`, the lease
+//! wait); a restarted voter holds them until every peer has reported on a
+//! new connection or the leases it may have renewed before the crash
+//! expired (`StartHold`). A voter refuses a new generation while a
+//! Primary or recorder it still renews would be superseded by it
+//! (`withdraw_superseded_grants`). INV1 and INV2 count a Primary's quorum
+//! as its lease.
+//!
+//! **Not modelled**: time itself, and rule (b)'s retry within the ping
+//! timeout, or a promotion's retry after its lease wait (a refused or
+//! waiting promotion simply ends). Also not modelled: block contents, write ordering and epochs, the
 //! bitmap and activity-log mechanics (bitmap vs hash resync, tracking
 //! generations, a crashed Primary's extents), `--force`,
 //! `--override-quorum`, `--discard-my-data` and `after-split-brain`
@@ -204,6 +222,8 @@ struct Report {
     connections: Vec<(usize, Role)>,
     /// Its current generation is still being recorded.
     recording: bool,
+    /// `may_have_written`.
+    wrote: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -227,6 +247,8 @@ enum Msg {
     },
     PromoteReply {
         token: u64,
+        /// `lease_wait_ms > 0`: the voter still backs a lost Primary.
+        held: bool,
         report: Report,
     },
     /// The source's bitmap, here: its write set when it began.
@@ -352,6 +374,8 @@ struct GenChange {
     previous: Lineage,
     /// `known` before it: restored if the record fails.
     known_before: Generation,
+    /// `wrote` before it: restored too.
+    wrote_before: bool,
     asked: usize,
     waiting: Vec<usize>,
     accepted: Vec<usize>,
@@ -368,6 +392,8 @@ struct Promotion {
     waiting: Vec<usize>,
     /// `known` when the promotion started.
     known_at_start: Generation,
+    /// A voter asked still backs a lost Primary's lease (`lease_wait_ms`).
+    held: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -380,7 +406,17 @@ struct Node {
     stored: Stored,
     data: u64,
     primary_crashed: bool,
+    /// `wrote_in_generation`: a client write in the current generation.
+    wrote: bool,
     // Volatile.
+    /// `known_from`: the peer whose generation set `known`.
+    known_from: Option<(usize, Generation)>,
+    /// `lease_hold_until`: lost Primaries whose lease from this voter may
+    /// still run; promotions wait.
+    held: Vec<usize>,
+    /// `StartHold`: after a restart, the peers not yet heard on a new
+    /// connection (one may count a grant given before the crash).
+    start_held: Vec<usize>,
     role: Role,
     disk: DiskState,
     peers: Vec<Peer>,
@@ -408,6 +444,10 @@ impl Node {
             stored: Stored::UpToDate,
             data: 0,
             primary_crashed: false,
+            wrote: false,
+            known_from: None,
+            held: Vec::new(),
+            start_held: Vec::new(),
             role: Role::Secondary,
             disk: if kind == Kind::Data {
                 DiskState::UpToDate
@@ -431,6 +471,8 @@ impl Node {
     fn restart(&mut self) {
         let n = self.peers.len();
         self.up = true;
+        self.known_from = None;
+        self.held.clear();
         self.role = Role::Secondary;
         self.disk = match (self.kind, self.stored) {
             (Kind::Witness, _) => DiskState::Diskless,
@@ -488,6 +530,12 @@ enum Event {
     Deadline(usize),
     /// The delayed close after reporting a split-brain to the peer.
     CloseStandAlone(usize, usize),
+    /// The lease of `.0` no longer counts `.1`'s answers, and `.1` no
+    /// longer holds promotions for `.0` (possible once `.1` stopped
+    /// granting `.0`'s lease).
+    LeaseExpires(usize, usize),
+    /// A ping timeout has passed since `.0` started.
+    StartHoldExpires(usize),
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -515,6 +563,10 @@ struct Sim {
     promotions: u32,
     /// Ghost: every write ever acknowledged to a client.
     acked: u64,
+    /// `lease_counted[p][v]`: `p`'s lease counts `v`'s answer to a
+    /// heartbeat on session `s` — from the answer until the lease
+    /// expires (`LeaseExpires`, possible once `v` stopped granting).
+    lease_counted: Vec<Vec<Option<u64>>>,
     violation: Option<String>,
     notes: Vec<String>,
     stats: Stats,
@@ -540,6 +592,7 @@ fn side(id: usize, report: &Report, other: usize) -> Side {
             .any(|&(node, role)| node != other && role == Role::Primary),
         discard_my_data: false,
         known: report.known,
+        wrote_in_generation: report.wrote,
     }
 }
 
@@ -559,6 +612,7 @@ impl Sim {
             env_events: 0,
             promotions: 0,
             acked: 0,
+            lease_counted: vec![vec![None; n]; n],
             violation: None,
             notes: Vec::new(),
             stats: Stats::default(),
@@ -711,6 +765,7 @@ impl Sim {
                 })
                 .collect(),
             recording: n.gen_change.is_some(),
+            wrote: n.wrote || (n.primary_crashed && n.role != Role::Primary),
         }
     }
 
@@ -739,6 +794,18 @@ impl Sim {
             }
         }
         seen
+    }
+
+    /// `grants_lease`: voter `v` answers `p`'s heartbeats as a lease
+    /// grant — `p`'s reported lineage holds `v`'s `known`, or `known` is the
+    /// generation `p` asked `v` to record.
+    fn grants(&self, v: usize, p: usize) -> bool {
+        let voter = &self.nodes[v];
+        voter.up
+            && voter.connected(p)
+            && voter.peers[p].report.as_ref().is_some_and(|r| {
+                r.lineage.contains(voter.known) || voter.known_from == Some((p, voter.known))
+            })
     }
 
     /// Rule (b)'s input: a peer that is Primary or reports one.
@@ -816,11 +883,24 @@ impl Sim {
             }
             Msg::PromoteQuery { token } => {
                 let report = self.report(to);
-                self.send(to, from, Msg::PromoteReply { token, report });
+                let held = !self.nodes[to].held.is_empty() || !self.nodes[to].start_held.is_empty();
+                self.send(
+                    to,
+                    from,
+                    Msg::PromoteReply {
+                        token,
+                        held,
+                        report,
+                    },
+                );
             }
-            Msg::PromoteReply { token, report } => {
+            Msg::PromoteReply {
+                token,
+                held,
+                report,
+            } => {
                 self.on_report(to, from, report);
-                self.promote_reply(to, from, token);
+                self.promote_reply(to, from, token, held);
             }
             Msg::SyncBegin { source_data } => self.on_sync_begin(to, from, source_data),
             Msg::SyncRefuse => {
@@ -883,6 +963,7 @@ impl Sim {
         let first = self.nodes[i].peers[j].report.is_none();
         let peer_is_data = self.is_data(j);
         self.nodes[i].peers[j].report = Some(report.clone());
+        self.nodes[i].start_held.retain(|&k| k != j);
         // Only ever raised by a report: one sent before the peer took a
         // generation it was asked to record may arrive after the ask.
         let current = self.nodes[i].lineage.current;
@@ -1214,6 +1295,7 @@ impl Sim {
             node.known = generation;
         }
         node.lineage = lineage;
+        node.wrote = false;
         node.stored = Stored::UpToDate;
         node.primary_crashed = false;
         node.disk = DiskState::UpToDate;
@@ -1245,13 +1327,22 @@ impl Sim {
         may_adopt: bool,
     ) {
         let generation = new.current;
-        let me = &self.nodes[i];
         // A Primary, or a node promoting itself, backs no other generation.
-        let competing = me.role == Role::Primary || me.promotion.is_some();
-        let accepted = !competing
-            && (new.contains(me.known)
-                || new.history.contains(&me.known)
-                || me.known == generation);
+        let competing = self.nodes[i].role == Role::Primary || self.nodes[i].promotion.is_some();
+        // Nor while it backs another Primary's (or recorder's) lease that
+        // the new generation would supersede: without time, every grant
+        // still given counts as a lease that may still run.
+        let leased_to = (0..self.n()).find(|&k| {
+            k != i
+                && k != j
+                && self.lease_counted[k][i].is_some()
+                && self.nodes[i].peers[k].link.is_some()
+                && self.nodes[i].peers[k].report.as_ref().is_some_and(|r| {
+                    (r.role == Role::Primary || r.recording) && !r.lineage.contains(generation)
+                })
+        });
+        let me = &self.nodes[i];
+        let accepted = !competing && leased_to.is_none() && new.contains(me.known);
         let previous = new.history.first().copied();
         let in_sync_with_sender = me.kind == Kind::Data
             && me.disk == DiskState::UpToDate
@@ -1261,8 +1352,10 @@ impl Sim {
         if accepted {
             let node = &mut self.nodes[i];
             node.known = generation;
+            node.known_from = Some((j, generation));
             if in_sync_with_sender {
                 node.lineage = new.clone();
+                node.wrote = false;
             } else if node.lineage.current != generation && node.disk == DiskState::UpToDate {
                 node.stored = Stored::Outdated;
                 node.disk = DiskState::Outdated;
@@ -1275,10 +1368,14 @@ impl Sim {
             fmt_gen(generation),
             self.name(j),
             match (accepted, in_sync_with_sender, self.nodes[i].kind) {
-                (true, true, _) => " (adopts it as data generation)",
-                (true, false, Kind::Data) => " (behind: keeps its data generation)",
-                (false, _, _) if competing => " (Primary or promoting)",
-                _ => "",
+                (true, true, _) => " (adopts it as data generation)".into(),
+                (true, false, Kind::Data) => " (behind: keeps its data generation)".into(),
+                (false, _, _) if competing => " (Primary or promoting)".into(),
+                (false, _, _) if leased_to.is_some() => format!(
+                    " (its lease to {} may still run)",
+                    leased_to.map_or("?", |k| self.name(k))
+                ),
+                _ => String::new(),
             }
         ));
         self.send(
@@ -1294,6 +1391,7 @@ impl Sim {
     }
 
     fn peer_closed(&mut self, i: usize, j: usize) {
+        let recorded_its_generation = self.nodes[i].known_from.is_some_and(|(from, _)| from == j);
         let peer = &mut self.nodes[i].peers[j];
         let Some(session) = peer.link else {
             return;
@@ -1302,6 +1400,10 @@ impl Sim {
             .report
             .as_ref()
             .is_some_and(|r| r.role == Role::Primary);
+        // Or may be one whose report has not arrived yet.
+        let may_hold_lease = was_primary
+            || peer.report.as_ref().is_some_and(|r| r.recording)
+            || recorded_its_generation;
         let was_target = peer.receives_writes;
         let peer_generation = peer.saw_generation;
         peer.link = None;
@@ -1311,6 +1413,11 @@ impl Sim {
         peer.in_sync_at = None;
         peer.sync_end_sent = None;
         peer.sync = None;
+        // Back no new Primary until the lost one's lease has surely expired.
+        if may_hold_lease && self.lease_counted[j][i].is_some() && !self.nodes[i].held.contains(&j)
+        {
+            self.nodes[i].held.push(j);
+        }
         self.generation_answer(i, j, false);
         self.promotion_peer_lost(i, j);
         if was_target {
@@ -1343,6 +1450,7 @@ impl Sim {
             token: 0,
             waiting: Vec::new(),
             known_at_start,
+            held: false,
         });
         self.promotion_round(i);
     }
@@ -1363,13 +1471,14 @@ impl Sim {
         self.evaluate_promotion(i);
     }
 
-    fn promote_reply(&mut self, i: usize, j: usize, token: u64) {
+    fn promote_reply(&mut self, i: usize, j: usize, token: u64, held: bool) {
         let Some(p) = &mut self.nodes[i].promotion else {
             return;
         };
         if p.token != token {
             return;
         }
+        p.held |= held;
         p.waiting.retain(|&k| k != j);
         self.evaluate_promotion(i);
     }
@@ -1412,6 +1521,7 @@ impl Sim {
             newer_generation_seen: newer,
         };
         let verdict = check(&input);
+        let held = p.held || !self.nodes[i].held.is_empty() || !self.nodes[i].start_held.is_empty();
         self.nodes[i].promotion = None;
         match verdict {
             Err(refusal) => {
@@ -1426,6 +1536,12 @@ impl Sim {
                     }
                 };
                 self.note(format!("promotion of {} refused: {why}", self.name(i)));
+            }
+            Ok(()) if held => {
+                self.note(format!(
+                    "promotion of {} waits out a lost Primary's lease (ends here)",
+                    self.name(i)
+                ));
             }
             Ok(()) => {
                 self.note(format!("{} passes rules (a)-(d)", self.name(i)));
@@ -1472,8 +1588,10 @@ impl Sim {
         let node = &mut self.nodes[i];
         let previous = node.lineage.clone();
         let known_before = node.known;
+        let wrote_before = node.wrote;
         node.lineage.advance(generation);
         node.known = generation;
+        node.wrote = false;
         if node.role == Role::Primary {
             node.gate = Gate::Held;
         }
@@ -1503,11 +1621,13 @@ impl Sim {
                 }
             }
         }
-        let (mut promoting, mut previous, mut known_before) = (promoting, previous, known_before);
+        let (mut promoting, mut previous, mut known_before, mut wrote_before) =
+            (promoting, previous, known_before, wrote_before);
         if let Some(old) = self.nodes[i].gen_change.take() {
             promoting |= old.promoting;
             previous = old.previous;
             known_before = old.known_before;
+            wrote_before = old.wrote_before;
         }
         self.note(format!(
             "{} starts {} (asks {})",
@@ -1524,6 +1644,7 @@ impl Sim {
             generation,
             previous,
             known_before,
+            wrote_before,
             asked: waiting.len(),
             waiting,
             accepted: vec![i],
@@ -1610,6 +1731,7 @@ impl Sim {
         if self.nodes[i].known == change.generation {
             self.nodes[i].known = change.known_before;
         }
+        self.nodes[i].wrote |= change.wrote_before;
         if change.promoting && self.nodes[i].role == Role::Primary {
             self.drop_source_resyncs(i);
             self.become_secondary(i);
@@ -1779,6 +1901,21 @@ impl Sim {
                 out.push((1, Event::Deadline(i)));
             }
         }
+        for p in 0..n {
+            for v in 0..n {
+                if self.lease_counted[p][v].is_some() && !self.renews_lease(v, p) {
+                    out.push((3, Event::LeaseExpires(p, v)));
+                }
+            }
+        }
+        for v in 0..n {
+            // The hold outlasts every lease granted before the restart.
+            if !self.nodes[v].start_held.is_empty()
+                && (0..n).all(|p| self.lease_counted[p][v].is_none() || self.renews_lease(v, p))
+            {
+                out.push((3, Event::StartHoldExpires(v)));
+            }
+        }
         out
     }
 
@@ -1809,7 +1946,19 @@ impl Sim {
             Event::Restart(i) => {
                 self.env_events += 1;
                 self.nodes[i].restart();
+                if self.setup.quorum == QuorumMode::Majority {
+                    self.nodes[i].start_held = (0..self.n()).filter(|&p| p != i).collect();
+                }
                 format!("{} restarts", self.name(i))
+            }
+            Event::StartHoldExpires(v) => {
+                self.nodes[v].start_held.clear();
+                format!("{}'s start hold ends", self.name(v))
+            }
+            Event::LeaseExpires(p, v) => {
+                self.lease_counted[p][v] = None;
+                self.nodes[v].held.retain(|&k| k != p);
+                format!("{}'s lease no longer counts {}", self.name(p), self.name(v))
             }
             Event::SessionEnds(i, j) => {
                 self.nodes[i].peers[j].closed = true;
@@ -1887,6 +2036,7 @@ impl Sim {
                 let w = self.next_write;
                 self.next_write += 1;
                 self.nodes[i].data |= 1 << w;
+                self.nodes[i].wrote = true;
                 // `fan_out`: every volume target; one whose link is closed
                 // is waited for until the core handled its loss.
                 let mut waiting = Vec::new();
@@ -1968,6 +2118,7 @@ impl Sim {
                 self.check_quorum(i);
             }
         }
+        self.renew_leases();
         self.check_state();
         self.stats.steps += 1;
         if self.notes.is_empty() {
@@ -1982,8 +2133,9 @@ impl Sim {
     /// `i` can acknowledge a new client write with no further step: gate
     /// open, quorum in its own view, every write target really reachable,
     /// and (with quorum on) a valid lease — approximated, without time, as
-    /// really reaching a majority of voters (a lease outlives its majority
-    /// by less than the wait before another node may be promoted).
+    /// really reaching a majority of voters that grant it (a lease outlives
+    /// its grants by less than the wait before another node may be
+    /// promoted).
     fn able(&self, i: usize) -> bool {
         let node = &self.nodes[i];
         node.up
@@ -1991,17 +2143,38 @@ impl Sim {
             && node.gate == Gate::Open
             && !node.needs_generation
             && self.quorum(i)
-            && (self.setup.quorum == QuorumMode::Off
-                || self.established_count(i) >= majority(self.n()))
+            && (self.setup.quorum == QuorumMode::Off || self.lease_count(i) >= majority(self.n()))
             && node.targets.iter().all(|&(j, session)| {
                 node.loss_handled.contains(&session)
                     || (node.peers[j].link == Some(session) && node.connected(j) && self.live(i, j))
             })
     }
 
-    fn established_count(&self, i: usize) -> usize {
+    /// `v` answers `p`'s heartbeats, renewing `p`'s lease.
+    fn renews_lease(&self, v: usize, p: usize) -> bool {
+        v != p && self.established(v, p) && self.grants(v, p)
+    }
+
+    /// Heartbeats flow on every established connection.
+    fn renew_leases(&mut self) {
+        for p in 0..self.n() {
+            for v in 0..self.n() {
+                if self.renews_lease(v, p) {
+                    self.lease_counted[p][v] = self.nodes[p].peers[v].link;
+                }
+            }
+        }
+    }
+
+    /// `i` and the voters whose answers its lease counts: over the link
+    /// it holds (the core recomputes the lease once it handles a loss).
+    fn lease_count(&self, i: usize) -> usize {
         1 + (0..self.n())
-            .filter(|&j| j != i && self.established(i, j))
+            .filter(|&j| {
+                j != i
+                    && self.lease_counted[i][j].is_some()
+                    && self.lease_counted[i][j] == self.nodes[i].peers[j].link
+            })
             .count()
     }
 
@@ -2027,7 +2200,7 @@ impl Sim {
             if node.up
                 && node.role == Role::Primary
                 && node.gate == Gate::Open
-                && (ables.contains(&i) || self.established_count(i) >= majority(self.n()))
+                && (ables.contains(&i) || self.lease_count(i) >= majority(self.n()))
             {
                 let missing = self.acked & !node.data;
                 if missing != 0 {

@@ -26,7 +26,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::generation::{Generation, Lineage};
-use super::lease::Lease;
+use super::lease::{Lease, StartHold};
 use super::peers::PeerState;
 use super::promotion;
 use super::state::{DiskState, Role};
@@ -127,6 +127,8 @@ pub(super) struct GenerationChange {
     pub previous: Lineage,
     /// This node's `known` before it: restored if the record fails.
     pub known_before: Generation,
+    /// Whether it wrote in the generation before it: restored too.
+    pub wrote_before: bool,
     /// Voters asked.
     pub asked: usize,
     /// Voters asked and not yet answered.
@@ -205,6 +207,10 @@ pub struct Core {
     pub(super) lease: Arc<Lease>,
     /// As a voter: back no new Primary before this time (lease wait).
     pub(super) lease_hold_until: u64,
+    pub(super) start_hold: StartHold,
+    /// As a voter: the peer whose new generation set `known`; its lease is
+    /// backed before its report shows that generation.
+    pub(super) known_from: Option<(u8, Generation)>,
     /// Promoted with --override-quorum and quorum has not come back.
     pub(super) quorum_overridden: bool,
     /// The Primary applied its no-quorum policy.
@@ -250,6 +256,16 @@ impl Core {
             .map_err(|e| tracing::warn!(error = %e, "cannot watch SIGINT"))
             .ok();
         let data_nodes = parts.config.data_nodes().fold(0u32, |m, n| m | (1 << n.id));
+        let start_hold = StartHold::new(
+            parts.config.resource.ping_timeout,
+            parts.config.resource.quorum == QuorumMode::Majority,
+            parts
+                .config
+                .nodes
+                .iter()
+                .map(|n| n.id)
+                .filter(|&id| id != parts.me.id),
+        );
         let session_config = SessionConfig {
             lease: parts.lease.clone(),
             me: parts.me.id,
@@ -302,6 +318,8 @@ impl Core {
             generation_change: None,
             lease: parts.lease,
             lease_hold_until: 0,
+            start_hold,
+            known_from: None,
             quorum_overridden: false,
             no_quorum: false,
             needs_generation: false,
@@ -326,6 +344,7 @@ impl Core {
             let stopped = self.apply(action);
             self.check_quorum();
             self.refresh_lease();
+            self.refresh_lease_grants();
             self.publish();
             if let Some(stopped) = stopped {
                 self.shutdown_peers();

@@ -13,6 +13,7 @@
 //! [`Lease::renewed`] recomputes the deadline; the I/O path only compares
 //! the clock with an atomic.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
@@ -27,6 +28,50 @@ pub fn now_nanos() -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     let epoch = *EPOCH.get_or_init(Instant::now);
     u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// A node that just started may have renewed a Primary's lease just before
+/// it went down, and has no record of it: it backs no promotion for one
+/// ping timeout, or until every peer has reported on a new connection (a
+/// Primary drops the grants of a link once a new connection replaces it).
+#[derive(Debug)]
+pub struct StartHold {
+    until_nanos: u64,
+    unheard: BTreeSet<u8>,
+}
+
+impl StartHold {
+    /// No hold when leases are not enforced.
+    pub fn new(
+        ping_timeout: Duration,
+        quorum_enforced: bool,
+        peers: impl Iterator<Item = u8>,
+    ) -> StartHold {
+        let until_nanos =
+            now_nanos().saturating_add(u64::try_from(ping_timeout.as_nanos()).unwrap_or(u64::MAX));
+        StartHold {
+            until_nanos,
+            unheard: if quorum_enforced {
+                peers.collect()
+            } else {
+                BTreeSet::new()
+            },
+        }
+    }
+
+    /// The peer reported on a connection made since this node started.
+    pub fn heard(&mut self, peer: u8) {
+        self.unheard.remove(&peer);
+    }
+
+    /// Until when promotions wait (0: no wait).
+    pub fn until_nanos(&self) -> u64 {
+        if self.unheard.is_empty() {
+            0
+        } else {
+            self.until_nanos
+        }
+    }
 }
 
 /// A lease lasts this fraction of the ping timeout.

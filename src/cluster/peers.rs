@@ -25,6 +25,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::core::{Core, Internal, SkipSync};
 use super::generation::{Generation, Lineage, Relation};
+use super::lease::now_nanos;
 use super::state::{ConnectionState, DiskState, ReplicationState, Role};
 use super::sync_rules::{decide, Decision, Side};
 use crate::config::Node;
@@ -208,6 +209,7 @@ fn side_from_report(id: u8, report: &NodeReport, other: u8) -> Side {
             .any(|&(node, role)| node != other && role == Role::Primary),
         discard_my_data: report.discard_my_data,
         known: Generation(report.known),
+        wrote_in_generation: report.wrote_in_generation,
     }
 }
 
@@ -365,10 +367,7 @@ impl Core {
         }
         let was_target = state.receives_writes;
         let was_data = state.node.is_data();
-        let answered = state
-            .link
-            .as_ref()
-            .map_or(0, |l| l.answered_heartbeat_nanos());
+        let answered = state.link.as_ref().map_or(0, |l| l.lease_granted_nanos());
         let left_cleanly = state.left_cleanly;
         let lost_link = state.link.clone();
         let peer_generation = state.saw_generation;
@@ -376,6 +375,14 @@ impl Core {
             .report
             .as_ref()
             .is_some_and(|r| r.role == Role::Primary);
+        // A peer whose generation this node recorded, or that was recording
+        // one, may be a Primary whose report has not arrived yet.
+        let may_hold_lease = was_primary
+            || state
+                .report
+                .as_ref()
+                .is_some_and(|r| r.recording_generation)
+            || self.known_from.is_some_and(|(from, _)| from == peer);
         if let Some(run) = state.sync.take() {
             if let Some(task) = run.task {
                 task.abort();
@@ -401,7 +408,7 @@ impl Core {
         }
         self.generation_answer(peer, false);
         self.promotion_peer_lost(peer);
-        if was_primary && !left_cleanly {
+        if may_hold_lease && !left_cleanly {
             // Back no new Primary until the lost one's lease has surely
             // expired.
             self.lease_hold_from(answered);
@@ -614,6 +621,7 @@ impl Core {
         let first = state.report.is_none();
         let peer_is_data = state.node.is_data();
         let old = state.report.replace(report.clone());
+        self.start_hold.heard(peer);
         let (disk_before, role_before) = (self.disk, self.role);
         if old.as_ref().is_some_and(|o| o.role == Role::Primary) && report.role != Role::Primary {
             // A clean demotion: its lease ended with it.
@@ -1291,12 +1299,18 @@ impl Core {
         // A Primary, or a node in the middle of its own promotion, never
         // backs another node's generation: that would be a second Primary.
         let competing = self.role == Role::Primary || self.promotion.is_some();
-        let accepted = !competing
-            && (new.contains(sb.known)
-                || new.history.contains(&sb.known)
-                || sb.known == generation);
+        let successor = new.contains(sb.known);
+        let leased_to = if competing || !successor {
+            None
+        } else {
+            self.withdraw_superseded_grants(peer, generation)
+        };
+        let accepted = !competing && successor && leased_to.is_none();
         if competing {
             tracing::warn!(peer = %self.peer_name(peer), %generation, "refusing to record another node's generation: this node is Primary or being promoted");
+        }
+        if let Some(holder) = leased_to {
+            tracing::warn!(peer = %self.peer_name(peer), %generation, primary = %self.peer_name(holder), "refusing to record another node's generation: a Primary's lease from this node may still run");
         }
         let previous = new.history.first().copied();
         // The same generation is not the same data: only a write target of
@@ -1308,6 +1322,9 @@ impl Core {
             && Some(sb.lineage.current) == previous
             && self.peers.get(&peer).is_some_and(|p| p.sync.is_none());
         let mut disk = self.disk;
+        if accepted {
+            self.known_from = Some((peer, generation));
+        }
         let result = if accepted {
             self.meta.update(|sb| {
                 sb.known = generation;
@@ -1343,6 +1360,38 @@ impl Core {
             );
         }
         self.send_reports();
+    }
+
+    /// The voter's promise, first half: before recording `generation` for
+    /// `sender`, stop renewing the lease of every other peer whose lineage
+    /// it would supersede, then refuse (returning that peer) if one of them
+    /// is a Primary, or records a generation of its own, whose lease from
+    /// this node may still run. Withdrawing first means no heartbeat answer
+    /// can slip in between the check and the record. A refusal is undone by
+    /// the next `refresh_lease_grants`.
+    fn withdraw_superseded_grants(&self, sender: u8, generation: Generation) -> Option<u8> {
+        let now = now_nanos();
+        let lease_life =
+            u64::try_from(self.config.resource.ping_timeout.as_nanos()).unwrap_or(u64::MAX);
+        let mut holder = None;
+        for (&id, state) in &self.peers {
+            let (Some(link), Some(report)) = (&state.link, &state.report) else {
+                continue;
+            };
+            let superseded = report.lineage.current != generation.0
+                && !report.lineage.history.contains(&generation.0);
+            if id == sender || !superseded {
+                continue;
+            }
+            let granted_at = link.set_lease_grant(false);
+            let may_hold_lease = (report.role == Role::Primary || report.recording_generation)
+                && granted_at > 0
+                && now.saturating_sub(granted_at) < lease_life;
+            if may_hold_lease && holder.is_none() {
+                holder = Some(id);
+            }
+        }
+        holder
     }
 
     /// Drops the connection to a peer; the reconnection starts over with a

@@ -277,7 +277,10 @@ impl Core {
 
     /// How long this node still backs a Primary it lost (lease wait).
     pub(super) fn lease_wait_ms(&self) -> u64 {
-        self.lease_hold_until.saturating_sub(now_nanos()) / 1_000_000
+        self.lease_hold_until
+            .max(self.start_hold.until_nanos())
+            .saturating_sub(now_nanos())
+            / 1_000_000
     }
 
     /// All rules passed: take the role and record the new generation.
@@ -443,6 +446,7 @@ impl Core {
         let generation = Generation::random();
         let previous = self.meta.superblock().lineage.clone();
         let known_before = self.meta.superblock().known;
+        let wrote_before = self.meta.superblock().flags.wrote_in_generation;
         if let Err(e) = self.meta.update(|sb| {
             sb.lineage.advance(generation);
             sb.known = generation;
@@ -497,12 +501,14 @@ impl Core {
             }
         }
         let mut callers = callers;
-        let (mut previous, mut known_before) = (previous, known_before);
+        let (mut previous, mut known_before, mut wrote_before) =
+            (previous, known_before, wrote_before);
         if let Some(old) = self.generation_change.take() {
             // A change still unrecorded is superseded by this one.
             callers.extend(old.callers);
             previous = old.previous;
             known_before = old.known_before;
+            wrote_before = old.wrote_before;
         }
         let asked = waiting.len();
         self.generation_change = Some(GenerationChange {
@@ -510,6 +516,7 @@ impl Core {
             generation,
             previous,
             known_before,
+            wrote_before,
             asked,
             waiting,
             accepted: vec![self.me.id],
@@ -618,6 +625,7 @@ impl Core {
             if sb.known == failed {
                 sb.known = change.known_before;
             }
+            sb.flags.wrote_in_generation |= change.wrote_before;
         });
         let refusal = format!(
             "refused: could not record the new generation on a majority (accepted by {} of {} voters: {}); \
@@ -845,6 +853,32 @@ impl Core {
             u64::try_from(self.config.resource.ping_timeout.as_nanos()).unwrap_or(u64::MAX),
         );
         self.lease_hold_until = self.lease_hold_until.max(hold);
+    }
+
+    /// The voter's promise, second half: this node's heartbeat answers
+    /// renew a peer's lease only while it has recorded no generation that
+    /// supersedes the peer's — the same test as the compare-and-set of
+    /// `on_new_generation`. A Primary cut off and replaced cannot regain a
+    /// lease (and serve stale reads) from a voter that has heard of its
+    /// successor.
+    pub(super) fn grants_lease(&self, peer: u8, known: Generation) -> bool {
+        self.known_from == Some((peer, known))
+            || self
+                .peers
+                .get(&peer)
+                .and_then(|p| p.report.as_ref())
+                .is_some_and(|r| {
+                    r.lineage.current == known.0 || r.lineage.history.contains(&known.0)
+                })
+    }
+
+    pub(super) fn refresh_lease_grants(&self) {
+        let known = self.meta.superblock().known;
+        for (&id, state) in &self.peers {
+            if let Some(link) = &state.link {
+                link.set_lease_grant(self.grants_lease(id, known));
+            }
+        }
     }
 
     /// Keeps the lease's voter set current.

@@ -5,7 +5,7 @@
 //! - equal generations: in sync up to the bitmaps; the union of both
 //!   bitmaps is resynced from the Primary if one of them is, else from a
 //!   node that crashed while Primary (its activity-log extents), else from
-//!   the lower id;
+//!   the node that wrote in that generation, else from the lower id;
 //! - one generation in the other's history: the older node is the target;
 //! - neither: split-brain — nothing is overwritten;
 //! - only an UpToDate node is ever a source, and while either node is
@@ -32,6 +32,10 @@ pub struct Side {
     pub discard_my_data: bool,
     /// The newest generation this side knows was recorded (`known`).
     pub known: Generation,
+    /// It may have acknowledged writes in its current generation. Only the
+    /// node that started a generation writes in it; a node that joined it
+    /// by a resync from a third node may lack what that writer wrote since.
+    pub wrote_in_generation: bool,
 }
 
 /// The outcome.
@@ -73,7 +77,14 @@ pub fn decide(a: &Side, b: &Side) -> Decision {
                 .iter()
                 .copied()
                 .filter(|s| can_source(s))
-                .max_by_key(|s| (s.role == Role::Primary, s.primary_crashed, s.id == first.id));
+                .max_by_key(|s| {
+                    (
+                        s.role == Role::Primary,
+                        s.primary_crashed,
+                        s.wrote_in_generation,
+                        s.id == first.id,
+                    )
+                });
             match pick {
                 Some(source) if source.id == a.id => (a, b),
                 Some(_) => (b, a),
@@ -135,6 +146,7 @@ mod tests {
             connected_to_other_primary: false,
             discard_my_data: false,
             known: Generation::INITIAL,
+            wrote_in_generation: false,
         }
     }
 
@@ -169,6 +181,32 @@ mod tests {
                 target: 1,
                 full: false
             }
+        );
+    }
+
+    #[test]
+    fn equal_generations_sync_from_the_node_that_wrote_in_it() {
+        // b started generation 6 and wrote in it; a joined 6 by a resync
+        // from a third node and has missed b's writes since.
+        let a = side(0, &[5, 6]);
+        let mut b = side(1, &[5, 6]);
+        b.wrote_in_generation = true;
+        let from_writer = Decision::Sync {
+            source: 1,
+            target: 0,
+            full: false,
+        };
+        assert_eq!(decide(&a, &b), from_writer);
+        assert_eq!(decide(&b, &a), from_writer);
+        b.wrote_in_generation = false;
+        assert_eq!(
+            decide(&a, &b),
+            Decision::Sync {
+                source: 0,
+                target: 1,
+                full: false
+            },
+            "nobody wrote: the lower id"
         );
     }
 

@@ -38,6 +38,16 @@ pub type AckReceiver = oneshot::Receiver<bool>;
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
+/// This node's side of the peer's lease: the voter's promise (DESIGN.md
+/// §5 "Leases").
+#[derive(Debug, Default)]
+struct LeaseGrant {
+    /// Off until the core has the peer's report and has seen no
+    /// generation that supersedes the peer's.
+    granting: bool,
+    granted_at: u64,
+}
+
 /// The handle to a connected peer.
 #[derive(Debug)]
 pub struct PeerLink {
@@ -55,8 +65,10 @@ pub struct PeerLink {
     close_reason: Mutex<Option<String>>,
     /// When the newest heartbeat the peer answered was sent (lease clock).
     confirmed_heartbeat: AtomicU64,
-    /// When this node last answered the peer's heartbeat.
-    answered_heartbeat: AtomicU64,
+    /// Whether this node's heartbeat answers renew the peer's lease, and
+    /// when it last answered one that did: one lock, so that a grant is
+    /// never given after the core withdrew it unseen.
+    lease_grant: Mutex<LeaseGrant>,
     /// Cancelled once the cluster core has dealt with this link's loss (a
     /// new generation under way, or no longer needed): a write whose copy
     /// to this peer failed is acknowledged only after that.
@@ -80,7 +92,7 @@ impl PeerLink {
                 closed: CancellationToken::new(),
                 close_reason: Mutex::new(None),
                 confirmed_heartbeat: AtomicU64::new(0),
-                answered_heartbeat: AtomicU64::new(0),
+                lease_grant: Mutex::new(LeaseGrant::default()),
                 loss_handled: CancellationToken::new(),
             },
             queue,
@@ -207,14 +219,27 @@ impl PeerLink {
         self.confirmed_heartbeat.load(AtomicOrdering::Relaxed)
     }
 
-    /// This node answered the peer's heartbeat now.
-    pub fn heartbeat_answered(&self, now_nanos: u64) {
-        self.answered_heartbeat
-            .fetch_max(now_nanos, AtomicOrdering::Relaxed);
+    /// This node answers the peer's heartbeat now; `true` if the answer
+    /// renews the peer's lease.
+    pub fn answer_heartbeat(&self, now_nanos: u64) -> bool {
+        let mut grant = lock(&self.lease_grant);
+        if grant.granting {
+            grant.granted_at = grant.granted_at.max(now_nanos);
+        }
+        grant.granting
     }
 
-    pub fn answered_heartbeat_nanos(&self) -> u64 {
-        self.answered_heartbeat.load(AtomicOrdering::Relaxed)
+    /// The core sets whether heartbeat answers renew the peer's lease;
+    /// returns when the last renewing answer was given (0: never).
+    pub fn set_lease_grant(&self, granting: bool) -> u64 {
+        let mut grant = lock(&self.lease_grant);
+        grant.granting = granting;
+        grant.granted_at
+    }
+
+    /// When this node last renewed the peer's lease (0: never).
+    pub fn lease_granted_nanos(&self) -> u64 {
+        lock(&self.lease_grant).granted_at
     }
 
     pub fn in_flight_bytes(&self) -> u64 {

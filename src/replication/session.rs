@@ -861,14 +861,16 @@ impl Session {
         let ack_on_receipt = self.config.protocol != Protocol::C;
         match frame.message {
             Message::Ping { id } => {
-                self.link.heartbeat_answered(now_nanos());
-                if let Err(e) = self.out.push(&Message::Pong { id }, Bytes::new()) {
+                let lease_granted = self.link.answer_heartbeat(now_nanos());
+                let pong = Message::Pong { id, lease_granted };
+                if let Err(e) = self.out.push(&pong, Bytes::new()) {
                     return Some(format!("cannot encode pong: {e}"));
                 }
             }
-            Message::Pong { id } => {
+            Message::Pong { id, lease_granted } => {
                 self.last_pong = Instant::now();
-                if let Some(&(_, sent)) = self.pings_sent.iter().find(|(ping, _)| *ping == id) {
+                let sent = self.pings_sent.iter().find(|(ping, _)| *ping == id);
+                if let Some(&(_, sent)) = sent.filter(|_| lease_granted) {
                     self.link.heartbeat_confirmed(sent);
                     self.config.lease.renewed();
                 }

@@ -24,9 +24,12 @@ pub enum ProtocolVersion {
     /// Handshake with digest and HMAC, replication, bitmaps, resync, verify,
     /// generations.
     V1 = 1,
+    /// A `Pong` says whether it renews the sender's lease (a voter grants
+    /// none to a Primary whose generation it has seen superseded).
+    V2 = 2,
 }
 
-pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion::V1;
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion::V2;
 
 /// Bytes of frame header: length and crc.
 pub const FRAME_HEADER_BYTES: usize = 8;
@@ -138,6 +141,9 @@ pub enum Message {
     },
     Pong {
         id: u64,
+        /// The answering voter backs the sender's lease: it has recorded
+        /// no generation that supersedes the sender's.
+        lease_granted: bool,
     },
     /// The sender's bitmap for the receiver; payload: little-endian u64
     /// words starting at `first_word`.
@@ -506,7 +512,10 @@ mod tests {
             Message::Welcome,
             Message::Report(report()),
             Message::Ping { id: 1 },
-            Message::Pong { id: 1 },
+            Message::Pong {
+                id: 1,
+                lease_granted: true,
+            },
             Message::Bitmap { first_word: 77 },
             Message::BitmapDone,
             Message::Write {
