@@ -31,7 +31,9 @@
 //! follows that lineage's current generation; rule (b) counts a voter's
 //! connection to a node whose role it has not heard yet as a Primary; two
 //! nodes in the same generation resync from the Primary, else from one
-//! that crashed as Primary, else from the one that wrote in it; no connect
+//! that crashed as Primary, else from the one that wrote in it; after every
+//! step, a source that is no longer UpToDate, or that is not Primary and
+//! now sees a Primary, closes the link to its target; no connect
 //! decision is taken while a
 //! generation is being recorded, on either side (reports say so), and the
 //! end of the record decides again; a failed *promotion* also closes the link to every peer
@@ -1758,6 +1760,36 @@ impl Sim {
         }
     }
 
+    /// `drop_invalid_source_resyncs`: a source that is no longer UpToDate,
+    /// or (not Primary) now sees another Primary, stops streaming.
+    fn drop_invalid_source_resyncs(&mut self, i: usize) {
+        for j in 0..self.n() {
+            let node = &self.nodes[i];
+            let streams =
+                j != i && node.peers[j].sync.is_some_and(|r| r.source) && node.connected(j);
+            if !streams {
+                continue;
+            }
+            let other_primary = (0..self.n()).any(|k| {
+                k != j
+                    && k != i
+                    && node.connected(k)
+                    && node.peers[k]
+                        .report
+                        .as_ref()
+                        .is_some_and(|r| r.role == Role::Primary)
+            });
+            if node.disk != DiskState::UpToDate || (node.role != Role::Primary && other_primary) {
+                self.note(format!(
+                    "{} drops its resync toward {} (not UpToDate, or a Primary appeared)",
+                    self.name(i),
+                    self.name(j)
+                ));
+                self.close_link(i, j);
+            }
+        }
+    }
+
     fn apply_no_quorum(&mut self, i: usize) {
         self.nodes[i].gate = Gate::NoQuorum;
         self.nodes[i].no_quorum = true;
@@ -2116,6 +2148,7 @@ impl Sim {
         for i in 0..self.n() {
             if self.nodes[i].up {
                 self.check_quorum(i);
+                self.drop_invalid_source_resyncs(i);
             }
         }
         self.renew_leases();

@@ -343,6 +343,7 @@ impl Core {
             let action = self.select().await;
             let stopped = self.apply(action);
             self.check_quorum();
+            self.drop_invalid_source_resyncs();
             self.refresh_lease();
             self.refresh_lease_grants();
             self.publish();

@@ -1402,6 +1402,36 @@ impl Core {
         }
     }
 
+    /// Only an UpToDate node is a resync source, and while it is connected
+    /// to a Primary only that Primary is (DESIGN.md §5). A source whose
+    /// disk or view changed since its exchange began — it became a target
+    /// itself, recorded a generation it is behind in, or a Primary appeared
+    /// — stops streaming; the reconnection decides again.
+    pub(super) fn drop_invalid_source_resyncs(&self) {
+        let primary_other_than = |peer: u8| {
+            self.peers.iter().any(|(&id, p)| {
+                id != peer
+                    && p.connected()
+                    && p.report.as_ref().is_some_and(|r| r.role == Role::Primary)
+            })
+        };
+        for (&id, state) in &self.peers {
+            let streams = state.sync.as_ref().is_some_and(|r| r.source && !r.verify);
+            if !streams || !state.connected() {
+                continue;
+            }
+            let why = if self.disk != DiskState::UpToDate {
+                "this node's disk is no longer UpToDate"
+            } else if self.role != Role::Primary && primary_other_than(id) {
+                "a Primary is connected: only it may be a resync source"
+            } else {
+                continue;
+            };
+            tracing::warn!(peer = %state.node.name, reason = why, "dropping the resync this node streams");
+            self.close_link(id, why);
+        }
+    }
+
     /// Ends every resync this node streams: its data no longer outranks
     /// what the targets may have taken since. The reconnection decides
     /// again who syncs whom.
