@@ -2549,3 +2549,131 @@ fn three_data() {
 fn two_data_quorum_off() {
     run(&TWO_DATA_QUORUM_OFF);
 }
+
+/// A hand-written history, step by step: every event must be enabled
+/// when its turn comes, so the scenario cannot silently drift.
+struct Scenario {
+    sim: Sim,
+    trace: String,
+    notes: Vec<String>,
+}
+
+impl Scenario {
+    fn new(setup: &'static Setup) -> Scenario {
+        Scenario {
+            sim: Sim::new(setup),
+            trace: String::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    fn step(&mut self, event: Event) {
+        assert!(
+            self.sim.enabled(&BOUNDS).iter().any(|&(_, e)| e == event),
+            "{event:?} is not enabled here; trace so far:\n{}",
+            self.trace
+        );
+        let label = self.sim.apply(event);
+        self.notes.extend(self.sim.notes.iter().cloned());
+        let _ = writeln!(self.trace, "  {label}\n      {}", self.sim.fmt_state());
+        assert!(
+            self.sim.violation.is_none(),
+            "{:?}\n{}",
+            self.sim.violation,
+            self.trace
+        );
+    }
+
+    /// Delivers every queued message, lowest connection first.
+    fn settle(&mut self) {
+        loop {
+            let next = self
+                .sim
+                .enabled(&BOUNDS)
+                .into_iter()
+                .find(|&(_, e)| matches!(e, Event::Deliver(..)));
+            match next {
+                Some((_, event)) => self.step(event),
+                None => return,
+            }
+        }
+    }
+
+    /// Delivers the messages from `from` to `to` in order, through the
+    /// first one whose step mentions `text`.
+    fn deliver_until(&mut self, from: usize, to: usize, text: &str) {
+        loop {
+            let before = self.trace.len();
+            self.step(Event::Deliver(from, to));
+            if self.trace[before..]
+                .lines()
+                .next()
+                .is_some_and(|l| l.contains(text))
+            {
+                return;
+            }
+        }
+    }
+
+    fn noted(&self, text: &str) -> bool {
+        self.notes.iter().any(|n| n.contains(text))
+    }
+
+    /// A (Primary) is cut off from B and W without noticing it; B and W
+    /// notice, and the leases A held from them expire; B is promoted with
+    /// W's vote and its new generation is on its way to W.
+    fn old_primary_cut_off_and_b_promoting() -> Scenario {
+        let mut s = Scenario::new(&TWO_DATA_AND_WITNESS);
+        let (a, b, w) = (0, 1, 2);
+        s.step(Event::Promote(a));
+        s.settle();
+        assert_eq!(s.sim.nodes[a].gate, Gate::Open, "{}", s.trace);
+        for (x, y) in [(a, b), (a, w)] {
+            s.step(Event::Cut(x, y));
+            s.step(Event::SessionEnds(y, x));
+            s.step(Event::Notice(y, x));
+            s.step(Event::LeaseExpires(x, y));
+        }
+        s.step(Event::Promote(b));
+        s.deliver_until(b, w, "PromoteQuery");
+        s.deliver_until(w, b, "PromoteReply");
+        assert!(s.noted("B starts g2"), "{}", s.trace);
+        s.step(Event::Heal(a, w));
+        s.step(Event::Connect(a, w));
+        s
+    }
+}
+
+#[test]
+fn a_voter_renews_no_lease_of_a_primary_whose_successor_it_recorded() {
+    let mut s = Scenario::old_primary_cut_off_and_b_promoting();
+    let (a, b, w) = (0, 1, 2);
+    // W records B's generation first, then hears from A, still Primary.
+    s.deliver_until(b, w, "NewGeneration");
+    assert!(s.noted("W records g2 from B"), "{}", s.trace);
+    s.deliver_until(a, w, "Report(Primary");
+    assert!(!s.sim.grants(w, a), "{}", s.trace);
+    s.settle();
+    s.step(Event::Write(b));
+    s.step(Event::Complete(b, 0));
+    assert_eq!(s.sim.lease_count(a), 1, "A's lease counts W:\n{}", s.trace);
+}
+
+#[test]
+fn a_voter_records_no_generation_while_a_primary_it_renews_may_hold_its_lease() {
+    let mut s = Scenario::old_primary_cut_off_and_b_promoting();
+    let (a, b, w) = (0, 1, 2);
+    // W hears from A, still Primary, and renews its lease before B's new
+    // generation arrives: recording it would leave A serving stale reads.
+    s.deliver_until(a, w, "Report(Primary");
+    assert!(s.sim.grants(w, a), "{}", s.trace);
+    s.deliver_until(b, w, "NewGeneration");
+    assert!(
+        s.noted("W REFUSES g2 from B (its lease to A may still run)"),
+        "{}",
+        s.trace
+    );
+    assert_eq!(s.sim.nodes[w].known, s.sim.nodes[a].lineage.current);
+    s.settle();
+    assert_ne!(s.sim.nodes[b].gate, Gate::Open, "{}", s.trace);
+}
