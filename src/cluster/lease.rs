@@ -9,6 +9,13 @@
 //! before a new one can be elected, even if the old one is merely slow or
 //! cut off rather than dead.
 //!
+//! The voter's promise has two more halves, kept by the cluster core: an
+//! answer renews a peer's lease only while the voter has recorded no
+//! generation that supersedes the peer's (`Pong::lease_granted`), and a
+//! voter records no new generation while a Primary whose lease it renewed
+//! within the ping timeout would be superseded by it. A restarted voter
+//! keeps no record of its grants, so it holds promotions ([`StartHold`]).
+//!
 //! Sessions record per link when the newest answered heartbeat was sent;
 //! [`Lease::renewed`] recomputes the deadline; the I/O path only compares
 //! the clock with an atomic.
@@ -170,6 +177,26 @@ impl Lease {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_restarted_voter_holds_until_every_peer_reported_again() {
+        let mut hold = StartHold::new(Duration::from_secs(1), true, [1, 2].into_iter());
+        let until = hold.until_nanos();
+        assert!(
+            until > now_nanos(),
+            "holds for a ping timeout from the start"
+        );
+        hold.heard(1);
+        assert_eq!(
+            hold.until_nanos(),
+            until,
+            "peer 2 may still count an old grant"
+        );
+        hold.heard(2);
+        assert_eq!(hold.until_nanos(), 0);
+        let off = StartHold::new(Duration::from_secs(1), false, [1, 2].into_iter());
+        assert_eq!(off.until_nanos(), 0, "no leases, no hold");
+    }
 
     #[tokio::test]
     async fn lease_needs_a_majority_of_fresh_heartbeats() {

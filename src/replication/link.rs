@@ -262,6 +262,31 @@ mod tests {
         }
     }
 
+    #[test]
+    fn heartbeat_answers_renew_the_lease_only_while_granted() {
+        let (link, _queue) = PeerLink::new(1, "beta".into());
+        assert!(
+            !link.answer_heartbeat(10),
+            "no grant before the core decides"
+        );
+        assert_eq!(link.lease_granted_nanos(), 0);
+        assert_eq!(link.set_lease_grant(true), 0);
+        assert!(link.answer_heartbeat(20));
+        assert!(link.answer_heartbeat(15), "an answer is an answer");
+        assert_eq!(link.lease_granted_nanos(), 20, "the newest grant counts");
+        assert_eq!(
+            link.set_lease_grant(false),
+            20,
+            "withdrawing reports the last grant"
+        );
+        assert!(!link.answer_heartbeat(30));
+        assert_eq!(
+            link.lease_granted_nanos(),
+            20,
+            "a refused answer grants nothing"
+        );
+    }
+
     #[tokio::test]
     async fn acks_resolve_and_close_fails_the_rest() {
         let (link, mut queue) = PeerLink::new(1, "beta".into());
