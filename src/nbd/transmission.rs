@@ -12,7 +12,7 @@
 //! data in flight, at most [`MAX_QUEUED_REPLY_BYTES`] of replies waiting for
 //! a slow client; past any of them the loop stops reading until work
 //! drains. Across all connections a shared byte budget
-//! ([`super::MAX_BUFFERED_BYTES_TOTAL`]) bounds the daemon as a whole.
+//! ([`super::server::MAX_BUFFERED_BYTES_TOTAL`]) bounds the daemon as a whole.
 //!
 //! A request the protocol allows to fail (bad range, unknown command or
 //! flag, I/O error, refused by the gate) gets an error reply and the

@@ -55,7 +55,7 @@ pub const CORE_EVENT_QUEUE: usize = 1024;
 /// Resync replies wait for one flush until this many bytes are pending or
 /// no resync write is in flight (fewer, larger flushes).
 pub const SYNC_FLUSH_BATCH_BYTES: u64 = 32 << 20;
-/// Writes remembered as not yet complete on every node (see [`Unconfirmed`]).
+/// Writes remembered as not yet complete on every node (see `Unconfirmed`).
 pub const MAX_UNCONFIRMED_WRITES: usize = 1 << 16;
 
 /// What a session tells the cluster core.

@@ -15,7 +15,7 @@
 //! kernel worker thread and back, tripling the latency of a 4 KiB write.
 //! Large writes, O_DIRECT, flushes and fallocate go through the ring.
 //!
-//! Every operation is boxed as a [`Pending`] that owns its buffer; the box's
+//! Every operation is boxed as a `Pending` that owns its buffer; the box's
 //! address is the entry's `user_data`, and only the completion frees it. A
 //! caller that stops waiting therefore never frees memory the kernel is
 //! still using. Short reads and writes are resubmitted for the remainder.
