@@ -65,8 +65,8 @@ fn start(cluster: &mut Cluster) -> u64 {
     let (code, stdout, stderr) = cluster.cmd("alpha", &["primary"]);
     assert_eq!(code, 0, "primary: {stdout}{stderr}");
     let status = cluster.status("alpha");
-    assert_eq!(status["role"], "Primary");
-    assert_eq!(status["quorum"], true);
+    assert_eq!(status["role"], "Primary", "{status}");
+    assert_eq!(status["quorum"], true, "{status}");
     status["size_bytes"].as_u64().unwrap()
 }
 

@@ -1383,7 +1383,7 @@ impl Core {
             if id == sender || !superseded {
                 continue;
             }
-            let granted_at = link.set_lease_grant(false);
+            let granted_at = link.withdraw_lease();
             let may_hold_lease = (report.role == Role::Primary || report.recording_generation)
                 && granted_at > 0
                 && now.saturating_sub(granted_at) < lease_life;

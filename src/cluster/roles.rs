@@ -875,8 +875,17 @@ impl Core {
     pub(super) fn refresh_lease_grants(&self) {
         let known = self.meta.superblock().known;
         for (&id, state) in &self.peers {
-            if let Some(link) = &state.link {
-                link.set_lease_grant(self.grants_lease(id, known));
+            let Some(link) = &state.link else {
+                continue;
+            };
+            if !self.grants_lease(id, known) {
+                link.withdraw_lease();
+            } else if let Some(ping) = link.grant_lease(now_nanos()) {
+                let pong = Message::Pong {
+                    id: ping,
+                    lease_granted: true,
+                };
+                link.send(pong, Bytes::new());
             }
         }
     }

@@ -46,6 +46,8 @@ struct LeaseGrant {
     /// generation that supersedes the peer's.
     granting: bool,
     granted_at: u64,
+    /// The newest heartbeat answered while not granting.
+    refused_ping: Option<u64>,
 }
 
 /// The handle to a connected peer.
@@ -219,21 +221,38 @@ impl PeerLink {
         self.confirmed_heartbeat.load(AtomicOrdering::Relaxed)
     }
 
-    /// This node answers the peer's heartbeat now; `true` if the answer
-    /// renews the peer's lease.
-    pub fn answer_heartbeat(&self, now_nanos: u64) -> bool {
+    /// This node answers the peer's heartbeat `ping` now; `true` if the
+    /// answer renews the peer's lease.
+    pub fn answer_heartbeat(&self, ping: u64, now_nanos: u64) -> bool {
         let mut grant = lock(&self.lease_grant);
         if grant.granting {
             grant.granted_at = grant.granted_at.max(now_nanos);
+            grant.refused_ping = None;
+        } else {
+            grant.refused_ping = Some(ping);
         }
         grant.granting
     }
 
-    /// The core sets whether heartbeat answers renew the peer's lease;
-    /// returns when the last renewing answer was given (0: never).
-    pub fn set_lease_grant(&self, granting: bool) -> u64 {
+    /// The core lets heartbeat answers renew the peer's lease. Returns the
+    /// newest heartbeat answered without renewal, to be answered again now:
+    /// a Primary that just connected need not wait for its next heartbeat.
+    pub fn grant_lease(&self, now_nanos: u64) -> Option<u64> {
         let mut grant = lock(&self.lease_grant);
-        grant.granting = granting;
+        if grant.granting {
+            return None;
+        }
+        grant.granting = true;
+        let ping = grant.refused_ping.take()?;
+        grant.granted_at = grant.granted_at.max(now_nanos);
+        Some(ping)
+    }
+
+    /// The core stops heartbeat answers from renewing the peer's lease;
+    /// returns when the last renewing answer was given (0: never).
+    pub fn withdraw_lease(&self) -> u64 {
+        let mut grant = lock(&self.lease_grant);
+        grant.granting = false;
         grant.granted_at
     }
 
@@ -266,25 +285,33 @@ mod tests {
     fn heartbeat_answers_renew_the_lease_only_while_granted() {
         let (link, _queue) = PeerLink::new(1, "beta".into());
         assert!(
-            !link.answer_heartbeat(10),
+            !link.answer_heartbeat(1, 10),
             "no grant before the core decides"
         );
         assert_eq!(link.lease_granted_nanos(), 0);
-        assert_eq!(link.set_lease_grant(true), 0);
-        assert!(link.answer_heartbeat(20));
-        assert!(link.answer_heartbeat(15), "an answer is an answer");
+        assert_eq!(
+            link.grant_lease(12),
+            Some(1),
+            "the refused heartbeat is answered again"
+        );
+        assert_eq!(link.lease_granted_nanos(), 12);
+        assert_eq!(link.grant_lease(13), None, "already granting");
+        assert!(link.answer_heartbeat(2, 20));
+        assert!(link.answer_heartbeat(3, 15), "an answer is an answer");
         assert_eq!(link.lease_granted_nanos(), 20, "the newest grant counts");
         assert_eq!(
-            link.set_lease_grant(false),
+            link.withdraw_lease(),
             20,
             "withdrawing reports the last grant"
         );
-        assert!(!link.answer_heartbeat(30));
+        assert!(!link.answer_heartbeat(4, 30));
         assert_eq!(
             link.lease_granted_nanos(),
             20,
             "a refused answer grants nothing"
         );
+        assert!(!link.answer_heartbeat(5, 31));
+        assert_eq!(link.grant_lease(40), Some(5), "only the newest refused one");
     }
 
     #[tokio::test]

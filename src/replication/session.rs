@@ -861,7 +861,7 @@ impl Session {
         let ack_on_receipt = self.config.protocol != Protocol::C;
         match frame.message {
             Message::Ping { id } => {
-                let lease_granted = self.link.answer_heartbeat(now_nanos());
+                let lease_granted = self.link.answer_heartbeat(id, now_nanos());
                 let pong = Message::Pong { id, lease_granted };
                 if let Err(e) = self.out.push(&pong, Bytes::new()) {
                     return Some(format!("cannot encode pong: {e}"));
