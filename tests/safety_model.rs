@@ -2677,3 +2677,61 @@ fn a_voter_records_no_generation_while_a_primary_it_renews_may_hold_its_lease() 
     s.settle();
     assert_ne!(s.sim.nodes[b].gate, Gate::Open, "{}", s.trace);
 }
+
+#[test]
+fn a_voter_just_reconnected_to_the_primary_blocks_a_promotion_by_rule_b() {
+    let mut s = Scenario::new(&TWO_DATA_AND_WITNESS);
+    let (a, b, w) = (0, 1, 2);
+    s.step(Event::Promote(a));
+    s.settle();
+    for (x, y) in [(a, b), (a, w)] {
+        s.step(Event::Cut(x, y));
+        s.step(Event::SessionEnds(y, x));
+        s.step(Event::Notice(y, x));
+        s.step(Event::LeaseExpires(x, y));
+    }
+    // W is connected to A again, but A's report has not arrived: W cannot
+    // tell whether A is still Primary.
+    s.step(Event::Heal(a, w));
+    s.step(Event::Connect(a, w));
+    s.step(Event::Promote(b));
+    s.deliver_until(b, w, "PromoteQuery");
+    s.deliver_until(w, b, "PromoteReply");
+    assert!(
+        s.noted("promotion of B refused: (b) W reports Primary A"),
+        "{}",
+        s.trace
+    );
+    assert_eq!(s.sim.nodes[b].role, Role::Secondary);
+}
+
+#[test]
+fn a_generation_not_recorded_on_a_majority_gives_the_vote_back() {
+    let mut s = Scenario::new(&TWO_DATA_AND_WITNESS);
+    let (a, b, w) = (0, 1, 2);
+    s.step(Event::Promote(a));
+    s.deliver_until(a, b, "PromoteQuery");
+    s.deliver_until(a, w, "PromoteQuery");
+    s.deliver_until(b, a, "PromoteReply");
+    s.deliver_until(w, a, "PromoteReply");
+    assert!(s.noted("A starts g1"), "{}", s.trace);
+    // Neither voter gets to answer.
+    s.step(Event::Cut(a, b));
+    s.step(Event::Cut(a, w));
+    s.step(Event::Deadline(a));
+    // The deadline drops B, which may hold g1: rule A supersedes g1 by g2,
+    // which fails in turn.
+    assert!(
+        s.noted("g2 NOT recorded on a majority; back to g0"),
+        "{}",
+        s.trace
+    );
+    let node = &s.sim.nodes[a];
+    assert_eq!(node.role, Role::Secondary, "{}", s.trace);
+    assert_eq!(node.known, Generation::INITIAL, "the vote is given back");
+    assert_eq!(node.lineage.current, Generation::INITIAL);
+    assert!(
+        node.lineage.history.contains(&Generation(2)),
+        "the failed id stays in the history"
+    );
+}
