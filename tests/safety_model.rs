@@ -2620,9 +2620,8 @@ impl Scenario {
     }
 
     /// A (Primary) is cut off from B and W without noticing it; B and W
-    /// notice, and the leases A held from them expire; B is promoted with
-    /// W's vote and its new generation is on its way to W.
-    fn old_primary_cut_off_and_b_promoting() -> Scenario {
+    /// notice, and the leases A held from them expire.
+    fn primary_a_cut_off() -> Scenario {
         let mut s = Scenario::new(&TWO_DATA_AND_WITNESS);
         let (a, b, w) = (0, 1, 2);
         s.step(Event::Promote(a));
@@ -2634,6 +2633,14 @@ impl Scenario {
             s.step(Event::Notice(y, x));
             s.step(Event::LeaseExpires(x, y));
         }
+        s
+    }
+
+    /// After `primary_a_cut_off`, B is promoted with W's vote, its new
+    /// generation on its way to W, and A's link to W heals.
+    fn old_primary_cut_off_and_b_promoting() -> Scenario {
+        let mut s = Scenario::primary_a_cut_off();
+        let (a, b, w) = (0, 1, 2);
         s.step(Event::Promote(b));
         s.deliver_until(b, w, "PromoteQuery");
         s.deliver_until(w, b, "PromoteReply");
@@ -2680,16 +2687,8 @@ fn a_voter_records_no_generation_while_a_primary_it_renews_may_hold_its_lease() 
 
 #[test]
 fn a_voter_just_reconnected_to_the_primary_blocks_a_promotion_by_rule_b() {
-    let mut s = Scenario::new(&TWO_DATA_AND_WITNESS);
+    let mut s = Scenario::primary_a_cut_off();
     let (a, b, w) = (0, 1, 2);
-    s.step(Event::Promote(a));
-    s.settle();
-    for (x, y) in [(a, b), (a, w)] {
-        s.step(Event::Cut(x, y));
-        s.step(Event::SessionEnds(y, x));
-        s.step(Event::Notice(y, x));
-        s.step(Event::LeaseExpires(x, y));
-    }
     // W is connected to A again, but A's report has not arrived: W cannot
     // tell whether A is still Primary.
     s.step(Event::Heal(a, w));
