@@ -1770,16 +1770,9 @@ impl Sim {
             if !streams {
                 continue;
             }
-            let other_primary = (0..self.n()).any(|k| {
-                k != j
-                    && k != i
-                    && node.connected(k)
-                    && node.peers[k]
-                        .report
-                        .as_ref()
-                        .is_some_and(|r| r.role == Role::Primary)
-            });
-            if node.disk != DiskState::UpToDate || (node.role != Role::Primary && other_primary) {
+            if node.disk != DiskState::UpToDate
+                || (node.role != Role::Primary && self.other_primary(i, j))
+            {
                 self.note(format!(
                     "{} drops its resync toward {} (not UpToDate, or a Primary appeared)",
                     self.name(i),

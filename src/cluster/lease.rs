@@ -37,6 +37,11 @@ pub fn now_nanos() -> u64 {
     u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
+/// `duration` in nanoseconds, saturating: the unit of the lease clock.
+pub fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// A node that just started may have renewed a Primary's lease just before
 /// it went down, and has no record of it: it backs no promotion for one
 /// ping timeout, or until every peer has reported on a new connection (a
@@ -54,8 +59,7 @@ impl StartHold {
         quorum_enforced: bool,
         peers: impl Iterator<Item = u8>,
     ) -> StartHold {
-        let until_nanos =
-            now_nanos().saturating_add(u64::try_from(ping_timeout.as_nanos()).unwrap_or(u64::MAX));
+        let until_nanos = now_nanos().saturating_add(nanos(ping_timeout));
         StartHold {
             until_nanos,
             unheard: if quorum_enforced {
@@ -133,9 +137,10 @@ impl Lease {
         confirmed.sort_unstable_by(|a, b| b.cmp(a));
         let deadline = match needed {
             0 => u64::MAX,
-            n => confirmed.get(n - 1).filter(|&&t| t > 0).map_or(0, |&t| {
-                t.saturating_add(u64::try_from(self.duration.as_nanos()).unwrap_or(u64::MAX))
-            }),
+            n => confirmed
+                .get(n - 1)
+                .filter(|&&t| t > 0)
+                .map_or(0, |&t| t.saturating_add(nanos(self.duration))),
         };
         self.deadline_nanos.store(deadline, Ordering::Relaxed);
         self.renewed.notify_waiters();

@@ -25,7 +25,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::core::{Core, Internal, SkipSync};
 use super::generation::{Generation, Lineage, Relation};
-use super::lease::now_nanos;
+use super::lease::{self, now_nanos};
 use super::state::{ConnectionState, DiskState, ReplicationState, Role};
 use super::sync_rules::{decide, Decision, Side};
 use crate::config::Node;
@@ -127,6 +127,11 @@ impl PeerState {
 
     pub fn connected(&self) -> bool {
         self.link.as_ref().is_some_and(|l| !l.is_closed())
+    }
+
+    /// This node streams a resync (not a verify) to the peer.
+    pub fn streams_resync(&self) -> bool {
+        self.sync.as_ref().is_some_and(|r| r.source && !r.verify)
     }
 
     pub fn connection_state(&self) -> ConnectionState {
@@ -996,7 +1001,7 @@ impl Core {
             return;
         };
         if let Some(state) = self.peers.get_mut(&peer) {
-            if state.sync.as_ref().is_some_and(|r| r.source && !r.verify) {
+            if state.streams_resync() {
                 // Both believed themselves source: the lower id wins, the
                 // higher one drops its own attempt and answers this one.
                 if self.me.id < peer {
@@ -1028,11 +1033,7 @@ impl Core {
             .any(|(&id, p)| id != peer && p.sync.as_ref().is_some_and(|r| !r.source && !r.verify));
         // While another node is Primary, this node may be taking its
         // writes: only that Primary may overwrite them.
-        let other_primary = self.peers.iter().any(|(&id, p)| {
-            id != peer
-                && p.connected()
-                && p.report.as_ref().is_some_and(|r| r.role == Role::Primary)
-        });
+        let other_primary = self.other_primary_connected(peer);
         if !agreed
             || other_source
             || other_primary
@@ -1217,11 +1218,7 @@ impl Core {
             self.close_link(peer, "a SyncEnd this node cannot take");
             return;
         }
-        let other_primary = self.peers.iter().any(|(&id, p)| {
-            id != peer
-                && p.connected()
-                && p.report.as_ref().is_some_and(|r| r.role == Role::Primary)
-        });
+        let other_primary = self.other_primary_connected(peer);
         if other_primary {
             // A Primary appeared during the resync and its writes may have
             // reached this node; the reconnection decides again.
@@ -1371,16 +1368,13 @@ impl Core {
     /// the next `refresh_lease_grants`.
     fn withdraw_superseded_grants(&self, sender: u8, generation: Generation) -> Option<u8> {
         let now = now_nanos();
-        let lease_life =
-            u64::try_from(self.config.resource.ping_timeout.as_nanos()).unwrap_or(u64::MAX);
+        let lease_life = lease::nanos(self.config.resource.ping_timeout);
         let mut holder = None;
         for (&id, state) in &self.peers {
             let (Some(link), Some(report)) = (&state.link, &state.report) else {
                 continue;
             };
-            let superseded = report.lineage.current != generation.0
-                && !report.lineage.history.contains(&generation.0);
-            if id == sender || !superseded {
+            if id == sender || report.lineage.contains(generation) {
                 continue;
             }
             let granted_at = link.withdraw_lease();
@@ -1402,27 +1396,28 @@ impl Core {
         }
     }
 
+    /// A connected node other than `peer` reports Primary.
+    fn other_primary_connected(&self, peer: u8) -> bool {
+        self.peers.iter().any(|(&id, p)| {
+            id != peer
+                && p.connected()
+                && p.report.as_ref().is_some_and(|r| r.role == Role::Primary)
+        })
+    }
+
     /// Only an UpToDate node is a resync source, and while it is connected
     /// to a Primary only that Primary is (DESIGN.md §5). A source whose
     /// disk or view changed since its exchange began — it became a target
     /// itself, recorded a generation it is behind in, or a Primary appeared
     /// — stops streaming; the reconnection decides again.
     pub(super) fn drop_invalid_source_resyncs(&self) {
-        let primary_other_than = |peer: u8| {
-            self.peers.iter().any(|(&id, p)| {
-                id != peer
-                    && p.connected()
-                    && p.report.as_ref().is_some_and(|r| r.role == Role::Primary)
-            })
-        };
         for (&id, state) in &self.peers {
-            let streams = state.sync.as_ref().is_some_and(|r| r.source && !r.verify);
-            if !streams || !state.connected() {
+            if !state.streams_resync() || !state.connected() {
                 continue;
             }
             let why = if self.disk != DiskState::UpToDate {
                 "this node's disk is no longer UpToDate"
-            } else if self.role != Role::Primary && primary_other_than(id) {
+            } else if self.role != Role::Primary && self.other_primary_connected(id) {
                 "a Primary is connected: only it may be a resync source"
             } else {
                 continue;
@@ -1437,7 +1432,7 @@ impl Core {
     /// again who syncs whom.
     pub(super) fn drop_source_resyncs(&mut self, why: &str) {
         for state in self.peers.values() {
-            if state.sync.as_ref().is_some_and(|r| r.source && !r.verify) {
+            if state.streams_resync() {
                 tracing::info!(peer = %state.node.name, reason = why, "dropping the resync this node streams");
                 self.close_link(state.node.id, why);
             }

@@ -29,7 +29,7 @@ use tokio::sync::oneshot;
 
 use super::core::{Core, Demotion, GenerationChange, Promotion, Stopped};
 use super::generation::{Generation, Lineage, Relation};
-use super::lease::now_nanos;
+use super::lease::{self, now_nanos};
 use super::promotion::{self, PromotionInput, PromotionRefusal};
 use super::state::{DiskState, Role};
 use crate::config::{OnNoQuorum, QuorumMode};
@@ -849,9 +849,8 @@ impl Core {
     /// `lost_primary_answered_nanos`: it backs no new Primary for a ping
     /// timeout from then.
     pub(super) fn lease_hold_from(&mut self, lost_primary_answered_nanos: u64) {
-        let hold = lost_primary_answered_nanos.saturating_add(
-            u64::try_from(self.config.resource.ping_timeout.as_nanos()).unwrap_or(u64::MAX),
-        );
+        let hold = lost_primary_answered_nanos
+            .saturating_add(lease::nanos(self.config.resource.ping_timeout));
         self.lease_hold_until = self.lease_hold_until.max(hold);
     }
 
@@ -867,9 +866,7 @@ impl Core {
                 .peers
                 .get(&peer)
                 .and_then(|p| p.report.as_ref())
-                .is_some_and(|r| {
-                    r.lineage.current == known.0 || r.lineage.history.contains(&known.0)
-                })
+                .is_some_and(|r| r.lineage.contains(known))
     }
 
     pub(super) fn refresh_lease_grants(&self) {

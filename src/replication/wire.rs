@@ -79,6 +79,14 @@ pub struct WireLineage {
     pub history: Vec<u64>,
 }
 
+impl WireLineage {
+    /// Whether `generation` is this lineage's current id or an ancestor
+    /// (`Lineage::contains`, without converting).
+    pub fn contains(&self, generation: Generation) -> bool {
+        self.current == generation.0 || self.history.contains(&generation.0)
+    }
+}
+
 impl From<&Lineage> for WireLineage {
     fn from(lineage: &Lineage) -> Self {
         WireLineage {
