@@ -138,7 +138,7 @@ impl Driver<'_> {
         let data = self
             .ctx
             .storage
-            .read(offset, len as usize)
+            .read_uncached(offset, len as usize)
             .await
             .map_err(SyncError::Disk)?;
         let sent = if data.iter().all(|&b| b == 0) {
@@ -170,7 +170,7 @@ impl Driver<'_> {
         let data = self
             .ctx
             .storage
-            .read(offset, len as usize)
+            .read_uncached(offset, len as usize)
             .await
             .map_err(SyncError::Disk)?;
         let count = len.div_ceil(BLOCK) as u32;
@@ -312,7 +312,7 @@ pub async fn run_verify(
             let len = chunk.min(ctx.data_bytes - offset);
             let data = ctx
                 .storage
-                .read(offset, len as usize)
+                .read_uncached(offset, len as usize)
                 .await
                 .map_err(SyncError::Disk)?;
             let blocks = len.div_ceil(BLOCK) as u32;

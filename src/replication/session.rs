@@ -472,7 +472,7 @@ async fn differing_blocks(
     let len = (u64::from(blocks) * 4096).min(disk.storage.data_bytes().saturating_sub(offset));
     let data = disk
         .storage
-        .read(offset, len as usize)
+        .read_uncached(offset, len as usize)
         .await
         .map_err(|e| e.to_string())?;
     let local = block_hashes(&data);
@@ -680,7 +680,23 @@ impl Session {
                 if let Some(disk) = &self.config.disk {
                     let storage = disk.storage.clone();
                     let replies = std::mem::take(&mut self.unflushed);
-                    self.flushing = Some((Box::pin(async move { storage.flush().await }), replies));
+                    // Resync data, once durable, leaves the page cache
+                    // (clean pages drop): see `Storage::evict`.
+                    let written: Vec<(u64, u64)> = replies
+                        .iter()
+                        .filter_map(|((message, _), _)| match message {
+                            Message::SyncAck { offset, len } => Some((*offset, *len)),
+                            _ => None,
+                        })
+                        .collect();
+                    let flush = async move {
+                        storage.flush().await?;
+                        for (offset, len) in written {
+                            storage.evict(offset, len);
+                        }
+                        Ok(())
+                    };
+                    self.flushing = Some((Box::pin(flush), replies));
                     progressed = true;
                 }
             }

@@ -42,6 +42,9 @@ pub const DIRECT_IO_ALIGN: usize = 4096;
 /// Zeroes are written in pieces of this size when the file system can
 /// neither punch holes nor zero ranges.
 const ZERO_WRITE_CHUNK_BYTES: u64 = 1 << 20;
+/// [`Storage::evict`] widens its range to this alignment: the largest
+/// page-cache folio the kernel builds on x86-64 (a PMD, 2 MiB).
+const EVICT_ALIGN_BYTES: u64 = 2 << 20;
 
 /// Storage failures when opening the backing disk.
 #[derive(Debug, Error)]
@@ -288,6 +291,45 @@ impl Storage {
             .submit(IoOp::Write { offset, data, fua })
             .await
             .map(|_| ())
+    }
+
+    /// Reads a range for resync or verify, then lets the kernel drop it
+    /// from the page cache (see [`Storage::evict`]).
+    pub async fn read_uncached(&self, offset: u64, len: usize) -> io::Result<BytesMut> {
+        let data = self.read(offset, len).await?;
+        self.evict(offset, len as u64);
+        Ok(data)
+    }
+
+    /// Drops the clean page-cache pages of a range that resync or verify
+    /// touched (dirty ones are left, and start their writeback).
+    ///
+    /// A full resync or verify reads or writes the whole disk in 1 MiB
+    /// pieces. Left in the cache, those pages would push out the
+    /// application's own, and on kernels that cache files in large folios
+    /// (ext4 and XFS on Linux 6.x) every later 4 KiB application write into
+    /// such a folio costs several times a write into a fresh page: after
+    /// an initial sync, random writes ran at a quarter of their speed. The
+    /// range is widened to [`EVICT_ALIGN_BYTES`] because the kernel only
+    /// drops folios that lie wholly inside it. Best effort: a file system
+    /// that ignores the advice costs speed, never data.
+    pub fn evict(&self, offset: u64, len: u64) {
+        if self.direct || len == 0 {
+            return;
+        }
+        let start = offset - offset % EVICT_ALIGN_BYTES;
+        let end = (offset + len)
+            .div_ceil(EVICT_ALIGN_BYTES)
+            .saturating_mul(EVICT_ALIGN_BYTES)
+            .min(self.data_bytes);
+        if end > start {
+            let _ = rustix::fs::fadvise(
+                self.file.as_fd(),
+                start,
+                end - start,
+                rustix::fs::Advice::DontNeed,
+            );
+        }
     }
 
     /// Makes every completed write durable.
@@ -546,6 +588,62 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn uring_engine_passes_the_suite_on_many_threads() {
         engine_suite(IoEngineKind::Uring).await;
+    }
+
+    /// Pages of `[offset, offset+len)` of `file` in the page cache.
+    fn resident_pages(file: &File, offset: u64, len: usize) -> usize {
+        use std::os::fd::AsRawFd;
+        let page = 4096;
+        // SAFETY: a shared read-only mapping of a file we hold open, used
+        // only for mincore and unmapped below.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        assert_ne!(map, libc::MAP_FAILED);
+        let mut vec = vec![0u8; len / page];
+        // SAFETY: `map` is a live mapping of `len` bytes and `vec` holds one
+        // byte per page of it.
+        let rc = unsafe { libc::mincore(map, len, vec.as_mut_ptr()) };
+        // SAFETY: unmaps exactly what was mapped above.
+        unsafe { libc::munmap(map, len) };
+        assert_eq!(rc, 0);
+        vec.iter().filter(|&&b| b & 1 == 1).count()
+    }
+
+    #[tokio::test]
+    async fn resync_reads_leave_nothing_in_the_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        File::create(&path).unwrap().set_len(16 << 20).unwrap();
+        let storage = Storage::open(&path, IoEngineKind::Uring, false, 16 << 20).unwrap();
+        let chunk = 1 << 20;
+        // Part data, part hole: both end up cached by a plain read.
+        storage
+            .write(4 << 20, Bytes::from(vec![3u8; chunk]), false)
+            .await
+            .unwrap();
+        storage.flush().await.unwrap();
+        storage.read(6 << 20, chunk).await.unwrap();
+        assert!(resident_pages(&storage.file, 6 << 20, chunk) > 0);
+
+        for offset in [4 << 20, 6 << 20, 9 << 20] {
+            let data = storage.read_uncached(offset, chunk).await.unwrap();
+            assert_eq!(data.len(), chunk);
+            assert_eq!(
+                resident_pages(&storage.file, offset, chunk),
+                0,
+                "a resync read at {offset} stayed in the page cache"
+            );
+        }
+        let data = storage.read_uncached(4 << 20, chunk).await.unwrap();
+        assert!(data.iter().all(|&b| b == 3), "the read returns the data");
     }
 
     #[test]
