@@ -31,12 +31,18 @@ usage: scripts/bench.sh [options]
   --reps N            repetitions of each workload on each server (default 3;
                       env BENCH_REPS)
   --quick             a smoke run: --runtime 2 --reps 1 (flags given later win)
-  --servers LIST      comma-separated (default hablk,hablk2,hablk3,nbdkit,
-                      qemu-nbd,qsd-quorum; env BENCH_SERVERS). hablk2 = two
-                      data nodes, protocol C; hablk3 = two data nodes and a
-                      witness; qsd-quorum = qemu-storage-daemon quorum of a
-                      local file and an nbdkit replica; file = fio io_uring on
-                      a plain file, no NBD
+  --servers LIST      comma-separated (default hablk,hablk2,hablk2-sync,
+                      hablk3,hablk3-failover,nbdkit,qemu-nbd,qsd-quorum; env
+                      BENCH_SERVERS). hablk2 = two data nodes, protocol C,
+                      set up with skip-initial-sync; hablk2-sync = the same
+                      after a real initial sync (primary --force copies 256
+                      MiB of data from alpha); hablk3 = two data nodes and a witness
+                      (skip-initial-sync); hablk3-failover = two data nodes
+                      and a witness after an initial sync, a kill -9 of the
+                      Primary under writes, promotion of beta and alpha's
+                      resync, measured on beta; qsd-quorum =
+                      qemu-storage-daemon quorum of a local file and an
+                      nbdkit replica; file = fio io_uring on a plain file
   --single            only the single-node comparison (hablk,nbdkit,qemu-nbd)
   --no-resync         skip the resync measurement
   --no-failover       skip the failover measurement
@@ -54,7 +60,7 @@ USAGE
 RUNTIME=${BENCH_RUNTIME:-6}
 RAMP=${BENCH_RAMP:-1}
 REPS=${BENCH_REPS:-3}
-SERVERS_ARG=${BENCH_SERVERS:-hablk,hablk2,hablk3,nbdkit,qemu-nbd,qsd-quorum}
+SERVERS_ARG=${BENCH_SERVERS:-hablk,hablk2,hablk2-sync,hablk3,hablk3-failover,nbdkit,qemu-nbd,qsd-quorum}
 RESYNC=1
 FAILOVER=1
 WORKLOADS_ARG=${BENCH_WORKLOADS:-randwrite,randread,seqwrite,qd1write}
@@ -64,6 +70,12 @@ PORT_BASE=${BENCH_PORT_BASE:-10930}
 KEEP=""
 FILE_SIZE=1G
 FIO_SIZE=512M
+# Every server's file starts with the same INITIAL_DATA_MIB of random data
+# (written with O_DIRECT, so no server starts with it cached) and holes
+# after it; so does every node of an hablk cluster set up with
+# skip-initial-sync, while a real initial sync starts with it on alpha only
+# and copies it.
+INITIAL_DATA_MIB=256
 
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -109,8 +121,10 @@ done
 
 declare -A SERVER_TITLE=(
     [hablk]="hablk (1 node)"
-    [hablk2]="hablk, 2 data nodes, protocol C"
-    [hablk3]="hablk, 2 data nodes + witness, protocol C"
+    [hablk2]="hablk, 2 data nodes, protocol C; skip-initial-sync path"
+    [hablk2-sync]="hablk, 2 data nodes, protocol C; after a real initial sync (primary --force)"
+    [hablk3]="hablk, 2 data nodes + witness, protocol C; skip-initial-sync path"
+    [hablk3-failover]="hablk, 2 data nodes + witness; initial sync, kill -9 failover, resync; on the new Primary"
     [nbdkit]="nbdkit file"
     [qemu-nbd]="qemu-nbd"
     [qsd-quorum]="qemu-storage-daemon quorum (2)"
@@ -122,6 +136,22 @@ STARTED=()
 NEXT_PORT=$PORT_BASE
 WORK=""
 HABLK_BIN=""
+
+# new_image FILE...: a FILE_SIZE file holding the initial data.
+new_image() {
+    local file
+    for file in "$@"; do
+        truncate -s "$FILE_SIZE" "$file"
+        fill_initial_data "$file"
+    done
+}
+
+fill_initial_data() {
+    if [[ ! -f $WORK/initial.data ]]; then
+        head -c "$((INITIAL_DATA_MIB << 20))" /dev/urandom >"$WORK/initial.data"
+    fi
+    dd if="$WORK/initial.data" of="$1" bs=1M oflag=direct conv=notrunc status=none
+}
 
 next_port() {
     PORT=$NEXT_PORT
@@ -171,7 +201,7 @@ server_start_hablk() {
     repl=$PORT
     next_port
     [[ -n $HABLK_IO ]] && extra="io = \"$HABLK_IO\""
-    truncate -s "$FILE_SIZE" "$WORK/hablk.img"
+    new_image "$WORK/hablk.img"
     write_single_node_config "$WORK/hablk.toml" bench "$WORK/hablk.img" \
         "127.0.0.1:$PORT" "127.0.0.1:$repl" "$WORK/hablk.sock" "$extra"
     hablk create-md >/dev/null
@@ -242,20 +272,64 @@ cluster_connected() {
 
 nbd_port_of() { sed -n "/^name = \"$2\"/,/^\\[/p" "$WORK/$1.toml" | sed -n 's/^nbd = "127.0.0.1:\([0-9]*\)"/\1/p'; }
 
+# start_cluster NAME PATH NODES...: starts the nodes and brings the cluster
+# to a Primary on alpha (on beta for the failover path) by one of the paths
+# a user takes:
+#   skip      every data node's disk holds the initial data (identical, as
+#             skip-initial-sync requires), skip-initial-sync, primary;
+#   sync      only alpha's disk holds the initial data, then primary
+#             --force: a real initial (hash) sync copies it, wait-sync;
+#   failover  the sync path, then writes, kill -9 of alpha under them,
+#             primary on beta, alpha back and resynced: the export is beta's.
 start_cluster() {
-    local cluster=$1 node
-    shift
+    local cluster=$1 path=$2 node
+    shift 2
     CLUSTER_NODES[$cluster]="$*"
     write_cluster_config "$cluster" "$@"
+    if [[ $path == skip ]]; then
+        for node in "$@"; do
+            [[ $node == witness ]] || fill_initial_data "$WORK/$cluster-$node.img"
+        done
+    else
+        fill_initial_data "$WORK/$cluster-alpha.img"
+    fi
     for node in "$@"; do
         hablk_node "$cluster" "$node" create-md >/dev/null
         start_cluster_node "$cluster" "$node"
     done
     wait_until 30 "$cluster to connect" cluster_connected "$cluster"
-    hablk_node "$cluster" alpha skip-initial-sync >/dev/null
-    hablk_node "$cluster" alpha primary >/dev/null
-    SERVER_URI[$cluster]="nbd://127.0.0.1:$(nbd_port_of "$cluster" alpha)/r0"
-    wait_until 30 "$cluster's NBD export" nbd_ready "${SERVER_URI[$cluster]}" "${SERVER_PID[$cluster-alpha]}"
+    if [[ $path == skip ]]; then
+        hablk_node "$cluster" alpha skip-initial-sync >/dev/null
+        hablk_node "$cluster" alpha primary >/dev/null
+    else
+        hablk_node "$cluster" alpha primary --force >/dev/null
+        hablk_node "$cluster" alpha wait-sync --timeout 600s >/dev/null
+    fi
+    local primary=alpha
+    if [[ $path == failover ]]; then
+        fail_over "$cluster"
+        primary=beta
+    fi
+    SERVER_URI[$cluster]="nbd://127.0.0.1:$(nbd_port_of "$cluster" "$primary")/r0"
+    wait_until 30 "$cluster's NBD export" nbd_ready "${SERVER_URI[$cluster]}" "${SERVER_PID[$cluster-$primary]}"
+}
+
+# fail_over CLUSTER: kill -9 alpha (the Primary) under 1 MiB writes, promote
+# beta, restart alpha and wait until it is resynced.
+fail_over() {
+    local cluster=$1 writer
+    fio --name=before-failover --ioengine=nbd \
+        "--uri=nbd://127.0.0.1:$(nbd_port_of "$cluster" alpha)/r0" --rw=randwrite --bs=1M \
+        --iodepth=8 --size=512M --time_based --runtime=30 >"$WORK/$cluster-writer.log" 2>&1 &
+    writer=$!
+    sleep 2
+    kill -KILL "${SERVER_PID[$cluster-alpha]}"
+    wait "${SERVER_PID[$cluster-alpha]}" 2>/dev/null || true
+    unset "SERVER_PID[$cluster-alpha]"
+    wait "$writer" 2>/dev/null || true
+    hablk_node "$cluster" beta primary >/dev/null
+    start_cluster_node "$cluster" alpha
+    hablk_node "$cluster" beta wait-sync --timeout 600s >/dev/null
 }
 
 stop_cluster() {
@@ -269,14 +343,18 @@ stop_cluster() {
 
 server_stop_resync() { stop_cluster resync; }
 server_stop_failover() { stop_cluster failover; }
-server_start_hablk2() { start_cluster hablk2 alpha beta; }
+server_start_hablk2() { start_cluster hablk2 skip alpha beta; }
+server_stop_hablk2_sync() { stop_cluster hablk2-sync; }
+server_start_hablk2_sync() { start_cluster hablk2-sync sync alpha beta; }
+server_stop_hablk3_failover() { stop_cluster hablk3-failover; }
+server_start_hablk3_failover() { start_cluster hablk3-failover failover alpha beta witness; }
 server_stop_hablk2() { stop_cluster hablk2; }
-server_start_hablk3() { start_cluster hablk3 alpha beta witness; }
+server_start_hablk3() { start_cluster hablk3 skip alpha beta witness; }
 server_stop_hablk3() { stop_cluster hablk3; }
 
 server_start_nbdkit() {
     next_port
-    truncate -s "$FILE_SIZE" "$WORK/A.img"
+    new_image "$WORK/A.img"
     spawn nbdkit nbdkit -f -i 127.0.0.1 -p "$PORT" -e '' file "$WORK/A.img"
     SERVER_URI[nbdkit]="nbd://127.0.0.1:$PORT/"
     wait_until 30 "nbdkit" nbd_ready "${SERVER_URI[nbdkit]}" "${SERVER_PID[nbdkit]}"
@@ -286,7 +364,7 @@ server_stop_nbdkit() { reap nbdkit; }
 
 server_start_qemu_nbd() {
     next_port
-    truncate -s "$FILE_SIZE" "$WORK/B.img"
+    new_image "$WORK/B.img"
     spawn qemu-nbd qemu-nbd -t -f raw --aio=io_uring -b 127.0.0.1 -p "$PORT" -x '' "$WORK/B.img"
     SERVER_URI[qemu-nbd]="nbd://127.0.0.1:$PORT/"
     wait_until 30 "qemu-nbd" nbd_ready "${SERVER_URI[qemu-nbd]}" "${SERVER_PID[qemu-nbd]}"
@@ -301,7 +379,7 @@ server_start_qsd_quorum() {
     next_port
     replica_port=$PORT
     next_port
-    truncate -s "$FILE_SIZE" "$WORK/R.img" "$WORK/C.img"
+    new_image "$WORK/R.img" "$WORK/C.img"
     spawn qsd-replica nbdkit -f -i 127.0.0.1 -p "$replica_port" -e '' file "$WORK/R.img"
     wait_until 30 "the quorum's nbdkit replica" nbd_ready \
         "nbd://127.0.0.1:$replica_port/" "${SERVER_PID[qsd-replica]}"
@@ -323,7 +401,7 @@ server_stop_qsd_quorum() {
 }
 
 # The ceiling: fio's own io_uring engine on a plain file, no NBD.
-server_start_file() { truncate -s "$FILE_SIZE" "$WORK/F.img"; }
+server_start_file() { new_image "$WORK/F.img"; }
 server_stop_file() { :; }
 fio_target_file() { printf '%s\n' --ioengine=io_uring "--filename=$WORK/F.img"; }
 
@@ -407,7 +485,7 @@ measure_resync() {
     local cluster=resync started elapsed oos sent written
     # Two nodes keep writing with one gone only without quorum (DRBD's
     # two-node setup).
-    CLUSTER_EXTRA='quorum = "off"' start_cluster "$cluster" alpha beta
+    CLUSTER_EXTRA='quorum = "off"' start_cluster "$cluster" skip alpha beta
     STARTED+=("$cluster")
     hablk_node "$cluster" beta down >/dev/null
     reap "$cluster-beta"
@@ -462,7 +540,7 @@ PY
 # the first successful write there.
 measure_failover() {
     local cluster=failover t0 t1 t2 t3 beta_uri
-    start_cluster "$cluster" alpha beta witness
+    start_cluster "$cluster" skip alpha beta witness
     STARTED+=("$cluster")
     beta_uri="nbd://127.0.0.1:$(nbd_port_of "$cluster" beta)/r0"
     hablk_node "$cluster" alpha secondary >/dev/null
@@ -532,28 +610,39 @@ def fmt(value):
         return "-"
     return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
 
-header = ["workload (median)"] + servers + [f"{s}/{p}" for s, p in pairs]
-table = [header]
-for label, w, index, scale, higher in rows:
-    values = {s: med(s, w, index) for s in servers}
-    line = [label] + [fmt(None if values[s] is None else values[s] * scale) for s in servers]
-    for s, p in pairs:
-        a, b = values[s], values[p]
-        if a is None or b is None or b == 0:
-            line.append("-")
-        else:
-            line.append(f"{a / b:.2f}")
-    table.append(line)
+def print_rows(table):
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for n, row in enumerate(table):
+        cells = [row[0].ljust(widths[0])] + [c.rjust(widths[i]) for i, c in enumerate(row) if i]
+        print("  ".join(cells))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
 
-widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+values = {(s, w, index): med(s, w, index) for s in servers for _, w, index, _, _ in rows}
+table = [["workload (median)"] + servers]
+for label, w, index, scale, higher in rows:
+    table.append([label] + [
+        fmt(None if values[(s, w, index)] is None else values[(s, w, index)] * scale)
+        for s in servers
+    ])
 print(f"\nMedians of {reps} run(s) per cell, {runtime} s each after {ramp} s ramp; "
-      "fio nbd engine, --size=512M, 1 GiB files.")
-print("Ratios are hablk / peer: above 1 is better for hablk, except for latency.\n")
-for n, row in enumerate(table):
-    cells = [row[0].ljust(widths[0])] + [c.rjust(widths[i]) for i, c in enumerate(row) if i]
-    print("  ".join(cells))
-    if n == 0:
-        print("  ".join("-" * w for w in widths))
+      "fio nbd engine, --size=512M, 1 GiB files.\n")
+print_rows(table)
+
+if pairs:
+    short = {"4 KiB randwrite QD32, IOPS": "randwrite", "4 KiB randread QD32, IOPS": "randread",
+             "1 MiB seq write QD8, MiB/s": "seqwrite", "4 KiB randwrite QD1, IOPS": "QD1 IOPS",
+             "4 KiB randwrite QD1, p50 us (lower is better)": "QD1 p50"}
+    table = [["hablk / peer"] + [short.get(label, label) for label, *_ in rows]]
+    for s, p in pairs:
+        line = [f"{s} / {p}"]
+        for label, w, index, scale, higher in rows:
+            a, b = values[(s, w, index)], values[(p, w, index)]
+            line.append("-" if a is None or b is None or b == 0 else f"{a / b:.2f}")
+        table.append(line)
+    print("\nRatios hablk / peer: above 1 is better for hablk, except QD1 p50 "
+          "(a latency: below 1 is better).\n")
+    print_rows(table)
 PY
 }
 
