@@ -913,7 +913,7 @@ fn a_stopped_secondary_is_dropped_tracked_and_resynced_after_sigcont() {
     let uri = cluster.nbd_uri("alpha");
     qemu_io(&uri, &["write -P 0x12 0 8M"]);
 
-    cluster.signal("beta", libc::SIGSTOP);
+    cluster.stop("beta");
     let started = Instant::now();
     // The Primary goes on: these complete once beta is declared lost.
     qemu_io(&uri, &AWAY_WRITES);

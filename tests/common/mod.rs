@@ -333,6 +333,28 @@ impl Cluster {
         );
     }
 
+    /// Stops a daemon with SIGSTOP and returns once every one of its threads
+    /// is stopped: kill(2) only queues the signal, and a loaded machine may
+    /// let the daemon run on (receive, write, acknowledge) for a while.
+    pub fn stop(&self, node: &str) {
+        self.signal(node, libc::SIGSTOP);
+        let pid = self.pid(node);
+        wait_for(&format!("every thread of {node} to stop"), || {
+            let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+            let all_stopped = tasks.flatten().all(|task| {
+                std::fs::read_to_string(task.path().join("stat"))
+                    .ok()
+                    .and_then(|stat| {
+                        // "pid (comm) S ...": the state follows the last ')'.
+                        let state = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
+                        Some(state == 'T')
+                    })
+                    .unwrap_or(false)
+            });
+            all_stopped.then_some(())
+        });
+    }
+
     /// Waits until `check` holds for the node's `status --json`; returns
     /// that status.
     #[track_caller]
