@@ -108,9 +108,9 @@ pub fn up(target: &Target) -> ExitCode {
     };
     match runtime.block_on(crate::daemon::up(config, &node)) {
         Ok(()) => ExitCode::Done,
+        // The daemon logs to stderr already: one line, not two.
         Err(e) => {
             tracing::error!("{e}");
-            eprintln!("hablk: {e}");
             ExitCode::Failed
         }
     }
@@ -164,8 +164,8 @@ pub fn role_command(target: &Target, request: Request) -> ExitCode {
 
 /// `status [--json]`.
 pub fn status(target: &Target, json: bool) -> ExitCode {
-    let client = match connect(target) {
-        Ok((client, _, _)) => client,
+    let (client, config) = match connect(target) {
+        Ok((client, config, _)) => (client, config),
         Err(code) => return code,
     };
     let response = match client.request(&Request::Status) {
@@ -184,7 +184,7 @@ pub fn status(target: &Target, json: bool) -> ExitCode {
             }
         }
     } else {
-        print!("{}", status_text(status));
+        print!("{}", status_text(status, &config));
     }
     ExitCode::Done
 }
@@ -205,7 +205,7 @@ fn human_bytes(bytes: u64) -> String {
 }
 
 /// The text form of `status`, in the spirit of `drbdadm status`.
-pub fn status_text(status: &Status) -> String {
+pub fn status_text(status: &Status, config: &Config) -> String {
     let mut out = format!("{} role:{}\n", status.resource, status.role);
     out.push_str(&format!(
         "  disk:{} quorum:{}{}\n",
@@ -255,6 +255,12 @@ pub fn status_text(status: &Status) -> String {
         }
         out.push('\n');
     }
+    let missing = not_in_sync(status, config);
+    if missing.is_empty() {
+        out.push_str("  in-sync:yes (every data node connected and UpToDate)\n");
+    } else {
+        out.push_str(&format!("  in-sync:no ({})\n", missing.join(", ")));
+    }
     out
 }
 
@@ -288,8 +294,45 @@ pub fn events(target: &Target, json: bool, now: bool) -> ExitCode {
 /// How often `wait-sync` looks at the daemon's status.
 const WAIT_SYNC_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 
-/// `wait-sync [--timeout DUR]`: until this node and every data node it sees
-/// are UpToDate; exit 3 at once on StandAlone or split-brain, 1 on timeout.
+/// What keeps the resource from full redundancy, as `node: reason` lines:
+/// this node's disk if it holds data and is not UpToDate, and every other
+/// configured data node that is not Connected and UpToDate with no resync
+/// running. A data node that is away counts: it is out of sync by whatever
+/// is written meanwhile. Empty when every data node holds the same,
+/// current data.
+pub fn not_in_sync(status: &Status, config: &Config) -> Vec<String> {
+    use crate::cluster::state::{ConnectionState, DiskState};
+    let mut missing = Vec::new();
+    let me_holds_data = config
+        .node(&status.node)
+        .map(|n| n.is_data())
+        .unwrap_or(true);
+    if me_holds_data && status.disk != DiskState::UpToDate {
+        missing.push(format!("{} (this node): disk {}", status.node, status.disk));
+    }
+    for node in config.data_nodes().filter(|n| n.name != status.node) {
+        let Some(peer) = status.peers.iter().find(|p| p.node == node.name) else {
+            missing.push(format!("{}: not a peer of this node", node.name));
+            continue;
+        };
+        if peer.connection != ConnectionState::Connected {
+            missing.push(format!("{}: {}", peer.node, peer.connection));
+        } else if peer.sync.active {
+            missing.push(format!(
+                "{}: resync {:.1}% done",
+                peer.node, peer.sync.percent
+            ));
+        } else if peer.peer_disk != DiskState::UpToDate {
+            missing.push(format!("{}: disk {}", peer.node, peer.peer_disk));
+        }
+    }
+    missing
+}
+
+/// `wait-sync [--timeout DUR]`: until this node and every configured data
+/// node are Connected and UpToDate (a node that is away is not in sync);
+/// exit 3 at once on StandAlone or split-brain, 1 on timeout naming who is
+/// missing.
 pub fn wait_sync(target: &Target, timeout: Option<std::time::Duration>) -> ExitCode {
     use std::io::IsTerminal;
     let (config, node) = match target.load() {
@@ -320,7 +363,6 @@ pub fn wait_sync(target: &Target, timeout: Option<std::time::Duration>) -> ExitC
             Ok(response) => return finish(&response),
             Err(e) => return report(&e),
         };
-        let data_peer = |name: &str| config.node(name).map(|n| n.is_data()).unwrap_or(false);
         if let Some(peer) = status.peers.iter().find(|p| {
             p.split_brain || p.connection == crate::cluster::state::ConnectionState::StandAlone
         }) {
@@ -338,31 +380,24 @@ pub fn wait_sync(target: &Target, timeout: Option<std::time::Duration>) -> ExitC
             );
             return ExitCode::Refused;
         }
-        let mine_ok = matches!(
-            status.disk,
-            crate::cluster::state::DiskState::UpToDate | crate::cluster::state::DiskState::Diskless
-        );
-        let syncing: Vec<_> = status.peers.iter().filter(|p| p.sync.active).collect();
-        let peers_ok = status
-            .peers
-            .iter()
-            .filter(|p| {
-                data_peer(&p.node)
-                    && p.connection == crate::cluster::state::ConnectionState::Connected
-            })
-            .all(|p| p.peer_disk == crate::cluster::state::DiskState::UpToDate);
-        if mine_ok && peers_ok && syncing.is_empty() {
+        let missing = not_in_sync(&status, &config);
+        if missing.is_empty() {
             if let Some(bar) = &bar {
                 bar.finish_with_message("in sync");
             }
             println!(
-                "{}: {} and every data node it sees are UpToDate",
-                status.resource, status.node
+                "{}: every data node is connected and UpToDate",
+                status.resource
             );
             return ExitCode::Done;
         }
         if let Some(bar) = &bar {
-            let percent = syncing.iter().map(|p| p.sync.percent).fold(100.0, f64::min);
+            let percent = status
+                .peers
+                .iter()
+                .filter(|p| p.sync.active)
+                .map(|p| p.sync.percent)
+                .fold(100.0, f64::min);
             bar.set_position((percent * 10.0) as u64);
             bar.set_message(format!("{} resync", status.resource));
         }
@@ -371,8 +406,9 @@ pub fn wait_sync(target: &Target, timeout: Option<std::time::Duration>) -> ExitC
                 bar.abandon();
             }
             eprintln!(
-                "hablk: timed out waiting for {} to be in sync (disk {})",
-                status.resource, status.disk
+                "hablk: timed out waiting for {} to be in sync; not in sync: {}",
+                status.resource,
+                missing.join(", ")
             );
             return ExitCode::Failed;
         }

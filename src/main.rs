@@ -8,9 +8,24 @@ use clap::{Parser, Subcommand};
 use hablk::commands::{self, Target};
 use hablk::control::protocol::Request;
 
+/// Exit statuses, shown under every `--help`.
+const EXIT_STATUS_HELP: &str = "\
+Exit status:
+  0  done (also: primary on a Primary, secondary on a Secondary, down with no daemon)
+  1  failed (an I/O or connection error, a timeout)
+  2  bad usage or config
+  3  refused by the cluster state (no quorum, not UpToDate, another Primary,
+     clients attached); stderr says what is missing and what would fix it";
+
 /// A replicated block device in user space.
 #[derive(Debug, Parser)]
-#[command(name = "hablk", version, about, propagate_version = true)]
+#[command(
+    name = "hablk",
+    version,
+    about,
+    propagate_version = true,
+    after_help = EXIT_STATUS_HELP
+)]
 struct Cli {
     /// The resource's config file.
     #[arg(short = 'c', long = "config", env = "HABLK_CONFIG", global = true,
@@ -26,18 +41,27 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Write fresh metadata (refuses to overwrite without --force).
+    #[command(after_help = EXIT_STATUS_HELP)]
     CreateMd {
+        /// Overwrite existing metadata: this node forgets its generation
+        /// history and bitmaps (the data area is left as it is).
         #[arg(long)]
         force: bool,
     },
-    /// Run this node's daemon in the foreground.
+    /// Run this node's daemon in the foreground (SIGTERM = a graceful down).
+    #[command(after_help = EXIT_STATUS_HELP)]
     Up,
     /// Demote if Primary, flush, and stop the daemon.
+    #[command(after_help = EXIT_STATUS_HELP)]
     Down {
+        /// Stop even with NBD clients attached (in-flight writes finish,
+        /// then they are disconnected) or if leaving costs the Primary its
+        /// quorum.
         #[arg(long)]
         force: bool,
     },
     /// Promote this node to Primary.
+    #[command(after_help = EXIT_STATUS_HELP)]
     Primary {
         /// Accept local data as current (first sync, disaster).
         #[arg(long)]
@@ -47,18 +71,23 @@ enum Command {
         override_quorum: bool,
     },
     /// Demote this node to Secondary.
+    #[command(after_help = EXIT_STATUS_HELP)]
     Secondary {
         /// Finish in-flight writes, then disconnect attached clients.
         #[arg(long)]
         force: bool,
     },
     /// Show this node's view of the resource.
+    #[command(after_help = EXIT_STATUS_HELP)]
     Status {
+        /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Print one line per state change as it happens.
+    #[command(after_help = EXIT_STATUS_HELP)]
     Events {
+        /// One JSON object per line instead of key:value text.
         #[arg(long)]
         json: bool,
         /// Print the current state and exit.
@@ -66,6 +95,7 @@ enum Command {
         now: bool,
     },
     /// Connect to a peer (all peers by default).
+    #[command(after_help = EXIT_STATUS_HELP)]
     Connect {
         peer: Option<String>,
         /// Resolve a split-brain by making this node the sync target.
@@ -73,17 +103,24 @@ enum Command {
         discard_my_data: bool,
     },
     /// Disconnect from a peer (all peers by default).
+    #[command(after_help = EXIT_STATUS_HELP)]
     Disconnect { peer: Option<String> },
     /// Compare block hashes with a peer and mark differing blocks.
+    #[command(after_help = EXIT_STATUS_HELP)]
     Verify { peer: Option<String> },
     /// Throw away local data and resync it from an UpToDate peer.
+    #[command(after_help = EXIT_STATUS_HELP)]
     Invalidate,
-    /// Wait until this node and every data node it sees are UpToDate.
+    /// Wait until every configured data node is connected and UpToDate.
+    #[command(after_help = EXIT_STATUS_HELP)]
     WaitSync {
+        /// Give up after this long (e.g. 30s, 5m) with exit status 1,
+        /// naming the nodes that are not in sync.
         #[arg(long)]
         timeout: Option<humantime::Duration>,
     },
     /// Declare all data nodes of a new cluster UpToDate without a sync.
+    #[command(after_help = EXIT_STATUS_HELP)]
     SkipInitialSync,
 }
 

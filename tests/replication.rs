@@ -462,6 +462,13 @@ fn secondary_goes_away_and_comes_back(away: Away) {
         peer["out_of_sync_bytes"], AWAY_BYTES,
         "the bitmap holds exactly the blocks written while beta was away: {status}"
     );
+    // Redundancy is gone, and both `wait-sync` and `status` say who is
+    // missing (a node that is away counts as out of sync).
+    let (code, stdout, stderr) = cluster.cmd("alpha", &["wait-sync", "--timeout", "1s"]);
+    assert_eq!(code, 1, "wait-sync with beta away: {stdout}{stderr}");
+    assert!(stderr.contains("not in sync: beta: Connecting"), "{stderr}");
+    let text = cluster.cmd("alpha", &["status"]).1;
+    assert!(text.contains("in-sync:no (beta: Connecting)"), "{text}");
 
     let mark = log_mark(&cluster, "alpha");
     cluster.up("beta");
@@ -491,6 +498,9 @@ fn secondary_goes_away_and_comes_back(away: Away) {
             assert!(union[0] <= AWAY_BYTES + 16 * MIB, "{union:?}");
         }
     }
+
+    let text = cluster.cmd("alpha", &["status"]).1;
+    assert!(text.contains("in-sync:yes"), "{text}");
 
     // Replication goes on after the resync.
     qemu_io(&uri, &["write -P 0xb7 30M 1M"]);
