@@ -1060,6 +1060,44 @@ fn down_refuses_with_clients_and_force_finishes_in_flight_writes() {
     assert_identical(&cluster, &["alpha", "beta"], size);
 }
 
+#[test]
+fn down_refuses_when_the_primary_would_lose_quorum() {
+    isolate_network();
+    // The witness never starts: alpha is Primary with 2 of 3 voters.
+    let mut cluster = with_witness(DISK, PING);
+    cluster.up("alpha");
+    cluster.up("beta");
+    cluster.wait_status("alpha", "beta connected", |s| {
+        let beta = peer_of(s, "beta");
+        beta["connection"] == "Connected" && beta["peer_disk"] != "DUnknown"
+    });
+    let (code, stdout, stderr) = cluster.cmd("alpha", &["skip-initial-sync"]);
+    assert_eq!(code, 0, "skip-initial-sync: {stdout}{stderr}");
+    cluster.wait_status("beta", "UpToDate", |s| s["disk"] == "UpToDate");
+    let (code, stdout, stderr) = cluster.cmd("alpha", &["primary"]);
+    assert_eq!(code, 0, "primary: {stdout}{stderr}");
+    cluster.wait_status("beta", "alpha seen as Primary", |s| {
+        peer_of(s, "alpha")["role"] == "Primary"
+    });
+
+    let (code, stdout, stderr) = cluster.cmd("beta", &["down"]);
+    assert_eq!(
+        code, 3,
+        "down that costs alpha its quorum: {stdout}{stderr}"
+    );
+    assert!(
+        stderr.contains("alpha is Primary and would lose quorum if beta left"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--force"), "{stderr}");
+    assert_eq!(cluster.status("alpha")["quorum"], true);
+
+    let (code, stdout, stderr) = cluster.cmd("beta", &["down", "--force"]);
+    assert_eq!(code, 0, "down --force: {stdout}{stderr}");
+    assert!(cluster.wait_exit("beta").success());
+    cluster.wait_status("alpha", "no quorum without beta", |s| s["quorum"] == false);
+}
+
 // --- 6. durability rounds -------------------------------------------------------
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -553,7 +553,10 @@ impl Core {
                 self.begin_demotion(force, Some(reply), false);
             }
             Request::Down { force } => {
-                if let Some(refusal) = self.clients_refusal(force, "down") {
+                let refusal = self
+                    .clients_refusal(force, "down")
+                    .or_else(|| self.primary_quorum_refusal(force));
+                if let Some(refusal) = refusal {
                     self.answer(&request, reply, refusal);
                     return None;
                 }
@@ -576,6 +579,45 @@ impl Core {
                 self.answer(&request, reply, response);
             }
             Request::SkipInitialSync => self.skip_initial_sync(reply),
+        }
+        None
+    }
+
+    /// Refusal for `down` when this node's leaving would cost a connected
+    /// Primary its quorum (it would stop acknowledging writes). Judged on
+    /// the connections the Primary last reported.
+    fn primary_quorum_refusal(&self, force: bool) -> Option<Response> {
+        if force || self.config.resource.quorum == QuorumMode::Off || self.role == Role::Primary {
+            return None;
+        }
+        let needed = promotion::majority(self.config.nodes.len());
+        for (&id, peer) in &self.peers {
+            let Some(report) = peer.report.as_ref().filter(|r| r.role == Role::Primary) else {
+                continue;
+            };
+            if peer.link.is_none() {
+                continue;
+            }
+            let mut left: Vec<String> = vec![self.peer_name(id)];
+            left.extend(
+                report
+                    .connections
+                    .iter()
+                    .filter(|(other, _)| *other != self.me.id)
+                    .map(|(other, _)| self.peer_name(*other)),
+            );
+            if left.len() < needed {
+                return Some(Response::refused(format!(
+                    "refused: {primary} is Primary and would lose quorum if {me} left (it would \
+                     see {seen} of {total} voters: {names}; needs {needed}); bring another node \
+                     back first, or run `hablk down --force`",
+                    primary = self.peer_name(id),
+                    me = self.me.name,
+                    seen = left.len(),
+                    total = self.config.nodes.len(),
+                    names = left.join(", "),
+                )));
+            }
         }
         None
     }
