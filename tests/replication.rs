@@ -391,6 +391,15 @@ fn writes_through_nbd_reach_the_secondary_before_they_are_acknowledged() {
         beta_status["generation"],
         cluster.status("alpha")["generation"]
     );
+    // A client of the Secondary is told who is Primary (qemu prints the
+    // server's message; libnbd only with LIBNBD_DEBUG=1).
+    let refused = run(Command::new("qemu-img").args(["info", &cluster.nbd_uri("beta")]));
+    let text = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{text}");
+    assert!(
+        text.contains("r0 is Secondary on beta; Primary: alpha"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -723,6 +723,23 @@ impl Core {
         }
     }
 
+    /// Re-words a Secondary's refusal after a peer's role changed, so that
+    /// clients are told who is Primary now.
+    pub(super) fn refresh_refusal(&self) {
+        let not_primary = self.volume.as_ref().is_some_and(|volume| {
+            matches!(
+                volume.gate(),
+                Gate::Closed {
+                    refusal: Refusal::NotPrimary,
+                    ..
+                }
+            )
+        });
+        if not_primary {
+            self.close_gate(Refusal::NotPrimary);
+        }
+    }
+
     /// Whether this node may have acknowledged writes in its current data
     /// generation (it wrote, or it crashed while Primary).
     pub(super) fn may_have_written(&self) -> bool {
@@ -784,7 +801,7 @@ impl Core {
                 _ => None,
             },
             io_suspended: matches!(gate, Some(Gate::Held { .. })),
-            lease_wait_ms: 0,
+            lease_wait_ms: self.lease_wait_ms(),
             nbd: self.me.nbd().map(|listen| NbdStatus {
                 listen: listen.to_string(),
                 clients: self.clients.count(),

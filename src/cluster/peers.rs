@@ -440,9 +440,8 @@ impl Core {
         {
             self.start_generation(format!("lost data peer {name}"), Vec::new());
         }
-        if was_primary && self.role != Role::Primary {
-            // Refresh the refusal clients see ("Primary: none").
-            self.close_gate(crate::volume::Refusal::NotPrimary);
+        if was_primary {
+            self.refresh_refusal();
         }
         self.send_reports();
         if let Some(link) = lost_link {
@@ -635,6 +634,7 @@ impl Core {
         if report.role == Role::Primary {
             state.left_cleanly = false;
         }
+        let role_changed = old.as_ref().map(|o| o.role) != Some(report.role);
         let name = state.node.name.clone();
         // Only ever raised by a report: one sent before the peer recorded
         // a generation it was asked to take may arrive after the ask.
@@ -744,6 +744,9 @@ impl Core {
             }
         }
         self.refresh_tracking(peer);
+        if role_changed {
+            self.refresh_refusal();
+        }
         let my_state_changed = self.disk != disk_before || self.role != role_before;
         if first || my_state_changed {
             // Peers learn our view of the new connection, and our resolved
