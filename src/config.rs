@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -356,6 +356,11 @@ impl Config {
         hasher.update(self.resource.name.as_bytes());
         hasher.update(&[0, quorum_code(self.resource.quorum)]);
         hasher.update(&[protocol_code(self.resource.protocol)]);
+        // Leases assume one ping timeout everywhere: a Primary's lease runs
+        // 0.8 x its timeout, a voter waits out its own before backing a new
+        // Primary. A voter with a shorter timeout could back one while the
+        // old lease still runs.
+        hasher.update(&self.resource.ping_timeout.as_nanos().to_le_bytes());
         let mut nodes: Vec<&Node> = self.nodes.iter().collect();
         nodes.sort_by_key(|node| node.id);
         for node in nodes {
@@ -428,8 +433,11 @@ impl<F: Fn(Option<Range<usize>>, String) -> ConfigError> Validator<'_, F> {
         let mut ids: HashMap<u8, String> = HashMap::new();
         let mut names: HashMap<String, ()> = HashMap::new();
         let mut addresses: HashMap<SocketAddr, String> = HashMap::new();
-        let mut nbd_listeners: HashMap<NbdListen, String> = HashMap::new();
-        let mut controls: HashMap<PathBuf, String> = HashMap::new();
+        // An NBD listener or a control socket can only collide between
+        // nodes on one host, i.e. with the same replication IP: on their
+        // own hosts, every node may use the same `127.0.0.1:10809`.
+        let mut nbd_listeners: HashMap<(IpAddr, NbdListen), String> = HashMap::new();
+        let mut controls: HashMap<(IpAddr, PathBuf), String> = HashMap::new();
         for spanned in raw.node {
             let span = spanned.span();
             let node_raw = spanned.into_inner();
@@ -458,18 +466,23 @@ impl<F: Fn(Option<Range<usize>>, String) -> ConfigError> Validator<'_, F> {
                 );
             }
             if let Some(nbd) = node.nbd() {
-                if let Some(other) = nbd_listeners.insert(nbd.clone(), node.name.clone()) {
+                let host = node.address.ip();
+                if let Some(other) = nbd_listeners.insert((host, nbd.clone()), node.name.clone()) {
                     return self.err(
                         span,
-                        format!("nodes '{other}' and '{}' both use nbd {nbd}", node.name),
+                        format!(
+                            "nodes '{other}' and '{}' are on one host ({host}) and both use nbd {nbd}",
+                            node.name
+                        ),
                     );
                 }
             }
-            if let Some(other) = controls.insert(node.control.clone(), node.name.clone()) {
+            let host = node.address.ip();
+            if let Some(other) = controls.insert((host, node.control.clone()), node.name.clone()) {
                 return self.err(
                     span,
                     format!(
-                        "nodes '{other}' and '{}' both use control socket {}",
+                        "nodes '{other}' and '{}' are on one host ({host}) and both use control socket {}",
                         node.name,
                         node.control.display()
                     ),
@@ -860,6 +873,24 @@ control = "/run/hablk/r0-alpha.sock"
     }
 
     #[test]
+    fn one_nbd_listener_per_host() {
+        // On their own hosts, nodes may all listen on the same address.
+        let text = GOOD.replace("nbd = \"/run/beta.nbd\"", "nbd = \"127.0.0.1:10809\"");
+        let config = parse(&text).unwrap();
+        assert_eq!(
+            config.node("alpha").unwrap().nbd(),
+            config.node("beta").unwrap().nbd()
+        );
+        // Two nodes of one host (same replication IP) cannot.
+        let text = text.replace("127.0.0.2:7789", "127.0.0.1:7790");
+        let (_, reason) = refusal(&text);
+        assert!(
+            reason.contains("are on one host (127.0.0.1) and both use nbd 127.0.0.1:10809"),
+            "{reason}"
+        );
+    }
+
+    #[test]
     fn duplicate_name_is_refused() {
         let text = GOOD.replace("name = \"beta\"", "name = \"alpha\"");
         let (line, reason) = refusal(&text);
@@ -940,11 +971,14 @@ control = "/run/hablk/r0-alpha.sock"
     }
 
     #[test]
-    fn digest_ignores_addresses_but_not_membership() {
+    fn digest_ignores_addresses_but_not_membership_or_ping_timeout() {
         let a = parse(GOOD).unwrap().cluster_digest();
         let moved = parse(&GOOD.replace("127.0.0.3:7789", "127.0.0.9:7789")).unwrap();
         assert_eq!(a, moved.cluster_digest());
         let renamed = parse(&GOOD.replace("\"witness\"", "\"tie\"")).unwrap();
         assert_ne!(a, renamed.cluster_digest());
+        let slower =
+            parse(&GOOD.replace("ping-timeout = \"1s\"", "ping-timeout = \"2s\"")).unwrap();
+        assert_ne!(a, slower.cluster_digest(), "the ping timeout must match");
     }
 }

@@ -223,7 +223,8 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     stream,
                     format!(
                         "config of '{node_name}' differs from this node's (resource, node ids, \
-                         names, kinds, quorum or protocol); give every node the same config file"
+                         names, kinds, quorum, protocol or ping-timeout); give every node the \
+                         same config file"
                     ),
                 )
                 .await);
