@@ -70,11 +70,35 @@ fn set_io_flusher() {
     let on: libc::c_ulong = 1;
     let unused: libc::c_ulong = 0;
     let rc = unsafe { libc::prctl(PR_SET_IO_FLUSHER, on, unused, unused, unused) };
-    if rc != 0 {
+    if rc == 0 {
+        return;
+    }
+    let error = std::io::Error::last_os_error();
+    if error.raw_os_error() == Some(libc::EPERM) {
+        // Usual in containers and under a hardened unit: not a fault, so
+        // one line at info level says what it means.
+        tracing::info!(
+            "not an I/O flusher (PR_SET_IO_FLUSHER needs CAP_SYS_RESOURCE): a filesystem \
+             mounted from this node's own export could stall under memory pressure"
+        );
+    } else {
+        tracing::warn!(%error, "PR_SET_IO_FLUSHER failed; a filesystem mounted from this \
+             node's own export could stall under memory pressure");
+    }
+}
+
+/// Config keys that are accepted (so that a config written for a later
+/// release loads) but do nothing yet: each is named once at start-up.
+fn warn_unserved_keys(config: &Config) {
+    if let Some(address) = config.resource.metrics {
         tracing::warn!(
-            error = %std::io::Error::last_os_error(),
-            "PR_SET_IO_FLUSHER refused (needs CAP_SYS_RESOURCE); a filesystem mounted from this \
-             node's own export could stall under memory pressure"
+            %address,
+            "the `metrics` key is set but this version serves no metrics endpoint yet; nothing listens there"
+        );
+    }
+    if config.resource.on_io_error == crate::config::OnIoError::PassOn {
+        tracing::warn!(
+            "on-io-error = \"pass-on\" is not supported yet: a failing disk is detached as with \"detach\""
         );
     }
 }
@@ -153,6 +177,7 @@ pub async fn up(config: Config, node_name: &str) -> Result<(), DaemonError> {
     async move {
         set_io_flusher();
         tune_allocator();
+        warn_unserved_keys(&config);
         let meta = MetaStore::open(&config, &me)?;
         let control = ControlServer::bind(&me.control).await?;
         let clients = Arc::new(Clients::default());

@@ -45,7 +45,7 @@ pub enum MetaError {
         "device of {device_bytes} bytes is too small for {meta_bytes} bytes of metadata plus data"
     )]
     DeviceTooSmall { device_bytes: u64, meta_bytes: u64 },
-    #[error("no valid hablk metadata on {} ({reason}); run `hablk create-md` first", path.display())]
+    #[error("no valid hablk metadata on {} ({reason}); {}", path.display(), reason.advice())]
     NoMetadata { path: PathBuf, reason: DecodeError },
     #[error(
         "{} already holds hablk metadata (resource {resource}, node {node}, generation \

@@ -120,6 +120,23 @@ pub enum DecodeError {
     BadField(&'static str),
 }
 
+impl DecodeError {
+    /// What the operator can do about it.
+    pub fn advice(&self) -> &'static str {
+        match self {
+            DecodeError::NoMagic => "run `hablk create-md` first",
+            DecodeError::UnknownVersion(_) => {
+                "run the hablk release that wrote it; `create-md --force` would make this node \
+                 forget its generations and need a full resync"
+            }
+            DecodeError::BadChecksum | DecodeError::Truncated | DecodeError::BadField(_) => {
+                "both copies are damaged; `create-md --force` starts this node over (a full \
+                 resync from a peer)"
+            }
+        }
+    }
+}
+
 struct Writer {
     buf: Vec<u8>,
 }

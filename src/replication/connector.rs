@@ -87,7 +87,8 @@ pub async fn listen(
             async move {
                 let admit = |peer: u8| match wanted.get(&peer).map(|w| *w.borrow()) {
                     Some(Wanted::Off) => Err(format!(
-                        "{} keeps this connection StandAlone (operator disconnect or split-brain);                          run `hablk connect` there",
+                        "{} keeps this connection StandAlone (operator disconnect or split-brain); \
+                         run `hablk connect` there",
                         identity.node_name
                     )),
                     _ => Ok(()),
