@@ -7,23 +7,28 @@
 #
 # The nodes run in a private network namespace (127.0.0.1/.2/.3), so the
 # demo touches nothing of the host's network. Without the kernel nbd module
-# the disk is reached through nbdfuse (NBD -> a file) and a loop device, as
-# DESIGN.md describes; with the module, `nbd-client IP PORT /dev/nbd0 -N r0`
-# does the same.
+# the disk is reached through nbdfuse (NBD -> a file) and a loop device;
+# with the module, `nbd-client IP PORT /dev/nbd0 -N r0` does the same.
 #
 # Needs root (namespaces, loop devices, mount). KEEP=1 keeps the temp dir.
 set -euo pipefail
 
-# Re-run inside a private network namespace with only `lo` up.
-if [[ -z ${HABLK_DEMO_NETNS:-} ]]; then
-    [[ $EUID -eq 0 ]] || { echo "the demo needs root (namespaces, loop devices, mount)" >&2; exit 1; }
-    exec unshare -n env HABLK_DEMO_NETNS=1 "$0" "$@"
-fi
-ip link set lo up
-
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$REPO_ROOT"
+
+# Packages and the build need the host's network; the cluster then runs
+# in a private network namespace with only `lo` up.
+if [[ -z ${HABLK_DEMO_NETNS:-} ]]; then
+    [[ $EUID -eq 0 ]] || die "the demo needs root (namespaces, loop devices, mount)"
+    step "1. checking packages"
+    ensure_packages libnbd-bin fuse3 e2fsprogs util-linux iproute2
+
+    step "2. building hablk and the durability checker (release)"
+    cargo build --release --quiet --bins
+    exec unshare -n env HABLK_DEMO_NETNS=1 "$0" "$@"
+fi
+ip link set lo up
 
 NODES=(alpha beta witness)
 declare -A IP=([alpha]=127.0.0.1 [beta]=127.0.0.2 [witness]=127.0.0.3)
@@ -114,11 +119,6 @@ attach_disk() {
     LOOP=$(losetup -f --show "$DIR/fuse/disk")
 }
 
-step "1. checking packages"
-ensure_packages libnbd-bin fuse3 e2fsprogs util-linux iproute2
-
-step "2. building hablk and the durability checker (release)"
-cargo build --release --quiet --bins
 BIN_DIR="$REPO_ROOT/target/release"
 "$BIN_DIR/hablk" --version
 

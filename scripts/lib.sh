@@ -97,11 +97,14 @@ ensure_packages() {
     command -v apt-get >/dev/null 2>&1 ||
         die "missing packages (${missing[*]}) and no apt-get to install them"
     log "installing: ${missing[*]}"
+    # Another apt (unattended upgrades, a second script) may hold the
+    # lock: wait for it rather than fail at once.
+    local wait_lock=(-o DPkg::Lock::Timeout=600)
     if [[ -z ${_HABLK_APT_UPDATED:-} ]]; then
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get "${wait_lock[@]}" update -qq >/dev/null
         _HABLK_APT_UPDATED=1
     fi
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get "${wait_lock[@]}" install -y -qq \
         -o Dpkg::Use-Pty=0 "${missing[@]}" >/dev/null
     for entry in "${entries[@]}"; do
         package=${entry%%:*}
