@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Benchmarks hablk against reference NBD servers in one run, on one file
 # system, with the same fio workloads (fio's nbd engine), and prints medians
-# and hablk's ratio to each peer. The peers and workloads are those of the
-# project's BENCH-PEERS note; absolute numbers drift between runs and
-# machines, so compare the ratios.
+# and hablk's ratio to each peer: the servers users would pick instead
+# (nbdkit, qemu-nbd, a qemu-storage-daemon quorum as the replicated
+# reference) and fio's four classic rows. Absolute numbers drift between
+# runs and machines, so compare the ratios.
 #
 # Every server listens on 127.0.0.1 only and everything is torn down on exit.
 # Repetitions are interleaved: each repetition runs every workload on every

@@ -1,6 +1,7 @@
 //! What each CLI command does, and what it prints. `main.rs` only parses
-//! arguments and calls one of these; each returns the exit status of
-//! DESIGN.md §3 (0 done, 1 failed, 2 bad usage or config, 3 refused).
+//! arguments and calls one of these; each returns one of the exit statuses
+//! of docs/operations.md (0 done, 1 failed, 2 bad usage or config, 3
+//! refused).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

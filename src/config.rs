@@ -1,4 +1,4 @@
-//! The resource configuration (DESIGN.md §2): one TOML file describes one
+//! The resource configuration (docs/operations.md, "Configuration"): one TOML file describes one
 //! resource and every node in it, and every node reads the same file.
 //!
 //! Parsing happens in two steps. serde + toml turn the text into `Raw*`

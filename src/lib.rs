@@ -1,6 +1,6 @@
 //! hablk: a replicated block device in user space.
 //!
-//! The modules follow the data flow of DESIGN.md §0: [`nbd`] speaks to
+//! The modules follow the data flow of docs/design.md: [`nbd`] speaks to
 //! clients, [`volume`] is the write path (role and quorum gate, then
 //! storage and peers), [`storage`] does the backing I/O, [`meta`] keeps the
 //! on-disk metadata, [`cluster`] owns roles, generations and quorum, and

@@ -48,7 +48,7 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Run this node's daemon in the foreground (SIGTERM = a graceful down).
+    /// Run this node's daemon in the foreground (SIGTERM/SIGINT = down --force).
     #[command(after_help = EXIT_STATUS_HELP)]
     Up,
     /// Demote if Primary, flush, and stop the daemon.

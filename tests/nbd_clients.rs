@@ -1,6 +1,6 @@
-//! Real NBD clients against a single Primary, on both storage engines
-//! (DESIGN.md §8): nbdinfo, nbdcopy, qemu-img, qemu-io, fio, and an ext4
-//! file system through nbdfuse and a loop device.
+//! Real NBD clients against a single Primary, on both storage engines:
+//! nbdinfo, nbdcopy, qemu-img, qemu-io, fio, and an ext4 file system
+//! through nbdfuse and a loop device.
 //!
 //! Each scenario is a function taking the engine, run by one test per
 //! engine.

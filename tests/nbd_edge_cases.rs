@@ -1,4 +1,4 @@
-//! Bad input gets a clear error and nothing is lost (DESIGN.md §4).
+//! Bad input gets a clear error and nothing is lost (docs/design.md, "The NBD front end").
 //!
 //! Each test feeds the daemon one kind of bad input with a small raw-socket
 //! NBD client written here against the protocol spec (big-endian, simple

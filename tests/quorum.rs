@@ -1,5 +1,5 @@
 //! Roles, quorum, generations and split-brain safety under real faults
-//! (issue 5; DESIGN.md §3, §5, §8): promotion refusals and
+//! (docs/design.md, "Safety rules"): promotion refusals and
 //! `--override-quorum`, a Primary cut off by a network partition (both
 //! `on-no-quorum` policies), two-node split-brain and its resolution,
 //! auto-promote, `secondary`/`down` with clients attached, randomized
@@ -26,8 +26,7 @@ use serde_json::Value;
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 const DISK: u64 = 32 * MIB;
-/// DESIGN.md §8: 1–2 s in tests; a loaded 2-core machine makes 500 ms
-/// flaky.
+/// 1 s in tests: a loaded 2-core machine makes 500 ms flaky.
 const PING: &str = "ping-timeout = \"1s\"";
 const PING_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a promotion may take after the Primary was lost: the lease
@@ -470,8 +469,8 @@ fn a_restarted_data_node_that_missed_writes_becomes_outdated_and_is_refused() {
     cluster.kill("alpha");
 
     // beta restarts and meets the witness (a quorum) which knows a newer
-    // generation: its data is complete but older, i.e. Outdated (DESIGN.md
-    // §1: Consistent "becomes UpToDate or Outdated on meeting a quorum"),
+    // generation: its data is complete but older, i.e. Outdated (a
+    // Consistent node becomes UpToDate or Outdated on meeting a quorum),
     // and it is refused.
     cluster.up("beta");
     cluster.wait_status("beta", "witness connected", |s| {

@@ -1,4 +1,4 @@
-//! Replication between data nodes (issue 4; DESIGN.md §3, §5): the
+//! Replication between data nodes (docs/design.md, "Safety rules"): the
 //! initial sync, synchronous writes, bitmap resync after a Secondary or the
 //! Primary went away, verify and invalidate, protocols A and B, and faults
 //! (garbage on the replication port, mismatched peers, a stopped peer, a
@@ -25,7 +25,7 @@ const DISK: u64 = 64 * MIB;
 const BLOCK: u64 = 4 * KIB;
 
 /// Every test config: a ping timeout a loaded 2-core machine does not trip
-/// by accident (DESIGN.md §8).
+/// by accident.
 const PING: &str = "ping-timeout = \"1s\"";
 /// Two data nodes where one goes away: a majority of two is both, so the
 /// Primary goes on alone only with `quorum = "off"` (quorum is the next

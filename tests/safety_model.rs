@@ -1,6 +1,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 //! A deterministic, randomized simulation of hablk's safety rules
-//! (DESIGN.md §5), the Rust counterpart of `safety-model/model.py`.
+//! (docs/design.md, "Safety rules"), over hablk's own decision functions.
 //!
 //! **What is modelled.** Small clusters — 2 data nodes + a witness, 3 data
 //! nodes (quorum on), 2 data nodes with quorum off — run random histories
@@ -84,7 +84,7 @@
 //! has taken part of the blocks by then (and stays `Inconsistent`) — the
 //! model sees such a loss only if a later resync completes.
 //!
-//! **Invariants**, checked after every step (as in model.py): INV1 no
+//! **Invariants**, checked after every step : INV1 no
 //! acknowledged write is missing from a Primary that serves I/O (generation
 //! recorded, gate open) and has quorum; INV2 never two Primaries that can
 //! both acknowledge writes (quorum on); INV3 a resync never drops an

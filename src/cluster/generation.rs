@@ -1,4 +1,4 @@
-//! Generations: the identity of a line of data history (DESIGN.md §5).
+//! Generations: the identity of a line of data history (docs/design.md, "Safety rules").
 //!
 //! A generation is a random 64-bit id. `create-md` starts every node at the
 //! fixed generation 0; a Primary starts a fresh one when it is promoted and

@@ -1,4 +1,4 @@
-//! The Primary's lease (DESIGN.md §5 "Leases"): no stale reads.
+//! The Primary's lease (docs/design.md, "Leases"): no stale reads.
 //!
 //! A Primary may serve I/O only while a majority of voters (itself
 //! included) has recently acknowledged its heartbeat. The lease runs from

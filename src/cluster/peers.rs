@@ -1409,7 +1409,7 @@ impl Core {
     }
 
     /// Only an UpToDate node is a resync source, and while it is connected
-    /// to a Primary only that Primary is (DESIGN.md §5). A source whose
+    /// to a Primary only that Primary is (docs/design.md, "Resync sources"). A source whose
     /// disk or view changed since its exchange began — it became a target
     /// itself, recorded a generation it is behind in, or a Primary appeared
     /// — stops streaming; the reconnection decides again.

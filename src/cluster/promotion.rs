@@ -1,4 +1,4 @@
-//! The promotion rules (DESIGN.md §5), as one pure function.
+//! The promotion rules (docs/design.md, "Promotion"), as one pure function.
 //!
 //! A node may become Primary only if
 //! (a) it has quorum,

@@ -1,5 +1,5 @@
 //! Where quorum is decided and roles change: promotion, demotion, new
-//! generations, quorum loss and return (DESIGN.md §5).
+//! generations, quorum loss and return (docs/design.md, "Safety rules").
 //!
 //! **Promotion** is a cluster-wide step: the candidate asks every connected
 //! node afresh (`PromoteQuery`), checks rules (a)–(d) on the answers, waits

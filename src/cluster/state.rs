@@ -1,5 +1,5 @@
-//! The states of DESIGN.md §1, with DRBD's names so that DRBD users feel at
-//! home. Liveness (connection), data (disk) and role are separate enums, as
+//! The states (docs/design.md, "States"), with DRBD's names so that DRBD
+//! users feel at home. Liveness (connection), data (disk) and role are separate enums, as
 //! they change for separate reasons.
 
 use std::fmt;

@@ -1,4 +1,4 @@
-//! Who resyncs whom when two data nodes meet (DESIGN.md §5 "Connect" and
+//! Who resyncs whom when two data nodes meet (docs/design.md,
 //! "Resync sources"), as one pure function both sides evaluate on the same
 //! inputs, so both reach the same, mirrored, conclusion.
 //!

@@ -10,7 +10,7 @@ use crate::cluster::state::{ConnectionState, DiskState, ReplicationState, Role};
 /// Longest request line the daemon reads.
 pub const MAX_REQUEST_LINE_BYTES: usize = 64 << 10;
 
-/// Exit status of a command (DESIGN.md §3).
+/// Exit status of a command (docs/operations.md, "Status, events, exit statuses").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(into = "u8", try_from = "u8")]
 pub enum ExitCode {
@@ -126,7 +126,8 @@ impl Response {
     }
 }
 
-/// `status --json` (DESIGN.md §3): fields may be added, never removed.
+/// `status --json`: fields may be added, never removed (scripts and
+/// cluster managers read it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     pub resource: String,

@@ -1,4 +1,4 @@
-//! Where each part of the metadata lives (DESIGN.md §6).
+//! Where each part of the metadata lives (docs/design.md, "Metadata on disk").
 //!
 //! Internal metadata sits at the end of the backing device, external
 //! metadata at the start of its own file; the order of the parts is the same

@@ -1,4 +1,4 @@
-//! On-disk metadata (DESIGN.md §6): the superblock, the per-peer bitmaps and
+//! On-disk metadata (docs/design.md, "Metadata on disk"): the superblock, the per-peer bitmaps and
 //! the activity log, internal (end of the disk) or in a separate file.
 //!
 //! [`MetaStore`] owns the file that holds the metadata and the current

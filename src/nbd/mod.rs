@@ -1,4 +1,4 @@
-//! The NBD front end (DESIGN.md §4): the server speaks the protocol itself
+//! The NBD front end (docs/design.md, "The NBD front end"): the server speaks the protocol itself
 //! — fixed newstyle handshake, structured replies, `base:allocation`,
 //! pipelined requests with replies in completion order, many connections.
 //!

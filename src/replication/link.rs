@@ -38,8 +38,8 @@ pub type AckReceiver = oneshot::Receiver<bool>;
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
-/// This node's side of the peer's lease: the voter's promise (DESIGN.md
-/// §5 "Leases").
+/// This node's side of the peer's lease: the voter's promise
+/// (docs/design.md, "Leases").
 #[derive(Debug, Default)]
 struct LeaseGrant {
     /// Off until the core has the peer's report and has seen no

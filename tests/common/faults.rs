@@ -450,8 +450,8 @@ impl Drop for Checker {
 
 /// An ext4 file system on an export: nbdfuse → loop device → mount. Every
 /// step taken is undone when dropped, even if the test failed; after the
-/// server died, [`ExportFs::abandon`] tears it down the way DESIGN.md §8
-/// says (`umount -l`, `losetup -d`, `fusermount3 -u`).
+/// server died, [`ExportFs::abandon`] tears it down the only way that
+/// works then (`umount -l`, `losetup -d`, `fusermount3 -u`).
 #[derive(Debug)]
 pub struct ExportFs {
     pub fuse_dir: PathBuf,
