@@ -422,3 +422,137 @@ pub fn wait_sync(target: &Target, timeout: Option<std::time::Duration>) -> ExitC
 pub fn default_config_path() -> &'static Path {
     Path::new("/etc/hablk/hablk.toml")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::state::{ConnectionState, DiskState, ReplicationState, Role};
+    use crate::control::protocol::{GenerationText, PeerStatus, SyncStatus};
+
+    const CONFIG: &str = r#"
+[resource]
+name = "r0"
+
+[[node]]
+name = "alpha"
+id = 0
+address = "10.0.0.1:7789"
+nbd = "127.0.0.1:10809"
+disk = "/tmp/a.img"
+
+[[node]]
+name = "beta"
+id = 1
+address = "10.0.0.2:7789"
+nbd = "127.0.0.1:10809"
+disk = "/tmp/b.img"
+
+[[node]]
+name = "witness"
+id = 2
+address = "10.0.0.3:7789"
+"#;
+
+    fn peer(node: &str, connection: ConnectionState, disk: DiskState) -> PeerStatus {
+        PeerStatus {
+            node: node.into(),
+            connection,
+            role: Role::Secondary,
+            peer_disk: disk,
+            replication: ReplicationState::Established,
+            split_brain: false,
+            out_of_sync_bytes: 0,
+            corrupt_frames: 0,
+            sync: SyncStatus {
+                active: false,
+                direction: None,
+                percent: 100.0,
+                bytes_per_sec: 0,
+                eta_seconds: None,
+            },
+        }
+    }
+
+    fn status(node: &str, disk: DiskState, peers: Vec<PeerStatus>) -> Status {
+        Status {
+            resource: "r0".into(),
+            node: node.into(),
+            role: Role::Secondary,
+            disk,
+            quorum: true,
+            generation: GenerationText("0".into()),
+            known_generation: GenerationText("0".into()),
+            size_bytes: None,
+            io_suspended: false,
+            lease_wait_ms: 0,
+            nbd: None,
+            peers,
+        }
+    }
+
+    #[test]
+    fn a_data_node_that_is_away_or_behind_is_not_in_sync() {
+        use ConnectionState::{Connected, Connecting};
+        use DiskState::{DUnknown, Diskless, Outdated, UpToDate};
+        let config = Config::parse(Path::new("test.toml"), CONFIG).unwrap();
+        let witness = || peer("witness", Connected, Diskless);
+
+        let all = status(
+            "alpha",
+            UpToDate,
+            vec![peer("beta", Connected, UpToDate), witness()],
+        );
+        assert!(not_in_sync(&all, &config).is_empty());
+        // A witness that is away costs no redundancy of the data.
+        let no_witness = status(
+            "alpha",
+            UpToDate,
+            vec![
+                peer("beta", Connected, UpToDate),
+                peer("witness", Connecting, DUnknown),
+            ],
+        );
+        assert!(not_in_sync(&no_witness, &config).is_empty());
+
+        let away = status(
+            "alpha",
+            UpToDate,
+            vec![peer("beta", Connecting, DUnknown), witness()],
+        );
+        assert_eq!(not_in_sync(&away, &config), vec!["beta: Connecting"]);
+
+        let mut syncing = peer("beta", Connected, DiskState::Inconsistent);
+        syncing.sync.active = true;
+        syncing.sync.percent = 42.0;
+        let resync = status("alpha", UpToDate, vec![syncing, witness()]);
+        assert_eq!(
+            not_in_sync(&resync, &config),
+            vec!["beta: resync 42.0% done"]
+        );
+
+        let behind = status(
+            "beta",
+            Outdated,
+            vec![peer("alpha", Connected, UpToDate), witness()],
+        );
+        assert_eq!(
+            not_in_sync(&behind, &config),
+            vec!["beta (this node): disk Outdated"]
+        );
+
+        // Asked on the witness: both data nodes count, the witness's own
+        // disk does not.
+        let from_witness = status(
+            "witness",
+            Diskless,
+            vec![
+                peer("alpha", Connected, UpToDate),
+                peer("beta", Connected, Outdated),
+            ],
+        );
+        assert_eq!(
+            not_in_sync(&from_witness, &config),
+            vec!["beta: disk Outdated"]
+        );
+    }
+}
