@@ -116,6 +116,7 @@ if [[ -n $LOAD ]]; then
     done
     setsid bash -c "while :; do
         rm -rf '$DIR/build'
+        echo started >>'$DIR/builds'
         if CARGO_TARGET_DIR='$DIR/build' cargo build --offline --quiet >'$DIR/build.log' 2>&1; then
             echo built >>'$DIR/builds'
         else
@@ -132,8 +133,9 @@ fio --name=soak --ioengine=nbd --uri="nbd://${IP[alpha]}:10809/r0" --rw=randrw -
     --output="$DIR/fio.txt" || die "fio failed: $(tail -n 5 "$DIR/fio.txt")"
 grep -E '^ +(read|write):' "$DIR/fio.txt" | sed 's/^ */  /'
 if [[ -n $LOAD ]]; then
-    printf '  beside it: %s full builds of hablk (%s failed), two CPU hogs\n' \
-        "$(count_lines built "$DIR/builds")" "$(count_lines failed "$DIR/builds")"
+    printf '  beside it: two CPU hogs and builds of hablk from scratch: %s started, %s finished, %s failed\n' \
+        "$(count_lines started "$DIR/builds")" "$(count_lines built "$DIR/builds")" \
+        "$(count_lines failed "$DIR/builds")"
 fi
 
 step "false alarms during the run (nothing failed on purpose)"
