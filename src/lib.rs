@@ -4,9 +4,11 @@
 //! clients, [`volume`] is the write path (role and quorum gate, then
 //! storage and peers), [`storage`] does the backing I/O, [`meta`] keeps the
 //! on-disk metadata, [`cluster`] owns roles, generations and quorum, and
-//! [`control`] answers the CLI over a unix socket. [`daemon`] wires them
+//! [`control`] answers the CLI over a unix socket; [`admission`] keeps
+//! floods of idle connections from locking real clients and peers out. [`daemon`] wires them
 //! together for `hablk up`; [`commands`] is what each CLI command does.
 
+pub mod admission;
 pub mod cluster;
 pub mod commands;
 pub mod config;

@@ -5,6 +5,7 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use thiserror::Error;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -14,9 +15,20 @@ use tracing::Instrument;
 
 use super::events::Event;
 use super::protocol::{ExitCode, Request, Response, MAX_REQUEST_LINE_BYTES};
+use crate::admission::{unix_owner, PendingSlots, RefusalLog, REFUSAL_LOG_INTERVAL};
 
-/// Control connections served at once (CLIs, `events` watchers).
-pub const MAX_CONTROL_CONNECTIONS: usize = 64;
+/// Connections still to send their request line. When all are taken, the
+/// oldest gives way to a newcomer: a process that leaks silent connections
+/// cannot lock the CLI (or a cluster manager) out.
+pub const MAX_PENDING_CONTROL: usize = 32;
+/// A client must send its request line within this time (the CLI sends it
+/// at once).
+pub const REQUEST_LINE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Short requests (status, primary, ...) being answered at once.
+pub const MAX_CONTROL_REQUESTS: usize = 64;
+/// `events` watchers followed at once: long-lived, so they have slots of
+/// their own and can never take the short requests' slots.
+pub const MAX_EVENT_WATCHERS: usize = 64;
 /// Requests queued for the cluster core.
 pub const CONTROL_QUEUE: usize = 64;
 
@@ -94,30 +106,36 @@ impl ControlServer {
 
     /// Accepts control connections until the task is dropped.
     pub async fn run(self, core: mpsc::Sender<ControlCall>) {
-        let slots = Arc::new(Semaphore::new(MAX_CONTROL_CONNECTIONS));
+        let limits = Arc::new(Limits {
+            pending: PendingSlots::new(MAX_PENDING_CONTROL),
+            requests: Arc::new(Semaphore::new(MAX_CONTROL_REQUESTS)),
+            watchers: Arc::new(Semaphore::new(MAX_EVENT_WATCHERS)),
+            refusals: RefusalLog::new("control socket"),
+        });
+        let mut flush = tokio::time::interval(REFUSAL_LOG_INTERVAL);
         loop {
-            let stream = match self.listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "control accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            let accepted = tokio::select! {
+                accepted = self.listener.accept() => accepted,
+                _ = flush.tick() => {
+                    limits.refusals.flush();
                     continue;
                 }
             };
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                tracing::warn!(
-                    limit = MAX_CONTROL_CONNECTIONS,
-                    "control connection refused: too many"
-                );
-                continue;
+            let stream = match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "control accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
             };
             let core = core.clone();
+            let limits = limits.clone();
             tokio::spawn(
                 async move {
-                    if let Err(e) = serve(stream, core).await {
+                    if let Err(e) = serve(stream, core, &limits).await {
                         tracing::debug!(error = %e, "control connection ended");
                     }
-                    drop(permit);
                 }
                 .in_current_span(),
             );
@@ -139,14 +157,50 @@ async fn write_line<T: serde::Serialize>(
     stream.write_all(&line).await
 }
 
-async fn serve(stream: UnixStream, core: mpsc::Sender<ControlCall>) -> io::Result<()> {
+/// The control socket's slots; see the constants.
+#[derive(Debug)]
+struct Limits {
+    pending: Arc<PendingSlots>,
+    requests: Arc<Semaphore>,
+    watchers: Arc<Semaphore>,
+    refusals: RefusalLog,
+}
+
+async fn serve(
+    stream: UnixStream,
+    core: mpsc::Sender<ControlCall>,
+    limits: &Limits,
+) -> io::Result<()> {
+    let owner = unix_owner(&stream);
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     let mut line = String::new();
-    let n = (&mut reader)
-        .take(MAX_REQUEST_LINE_BYTES as u64 + 1)
-        .read_line(&mut line)
-        .await?;
+    let (pending, evicted) = limits.pending.admit(owner);
+    if let Some(owner) = evicted {
+        limits.refusals.refused(
+            &owner.to_string(),
+            "too many silent connections: its oldest gave way",
+        );
+    }
+    let mut limited = (&mut reader).take(MAX_REQUEST_LINE_BYTES as u64 + 1);
+    let read = tokio::select! {
+        read = tokio::time::timeout(REQUEST_LINE_TIMEOUT, limited.read_line(&mut line)) => read,
+        () = pending.evicted() => return Ok(()),
+    };
+    drop(pending);
+    let n = match read {
+        Ok(read) => read?,
+        Err(_) => {
+            limits.refusals.refused(
+                &owner.to_string(),
+                &format!(
+                    "no request within {} s of connecting",
+                    REQUEST_LINE_TIMEOUT.as_secs()
+                ),
+            );
+            return Ok(());
+        }
+    };
     if n == 0 {
         return Ok(());
     }
@@ -160,6 +214,20 @@ async fn serve(stream: UnixStream, core: mpsc::Sender<ControlCall>) -> io::Resul
             };
             return write_line(&mut write, &response).await;
         }
+    };
+    let (slots, limit, kind) = match request {
+        Request::Events { now: false } => (&limits.watchers, MAX_EVENT_WATCHERS, "events watchers"),
+        _ => (&limits.requests, MAX_CONTROL_REQUESTS, "requests"),
+    };
+    let Ok(_slot) = slots.clone().try_acquire_owned() else {
+        limits.refusals.refused(
+            &owner.to_string(),
+            &format!("{limit} {kind} already being served"),
+        );
+        let response = Response::failed(format!(
+            "the daemon already serves {limit} {kind}; try again when some have ended"
+        ));
+        return write_line(&mut write, &response).await;
     };
     let (reply, answer) = oneshot::channel();
     if core.send(ControlCall { request, reply }).await.is_err() {

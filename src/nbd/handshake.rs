@@ -34,7 +34,14 @@ pub enum HandshakeError {
     ExportRefused(String),
     #[error("client aborted the handshake")]
     Aborted,
+    #[error("client sent nothing within {} s of the greeting", FIRST_BYTES_TIMEOUT.as_secs())]
+    Silent,
 }
+
+/// A client must answer the greeting (its flags) within this time; every
+/// NBD client does so at once. The whole handshake has its own, longer
+/// bound (`server::HANDSHAKE_TIMEOUT`).
+pub const FIRST_BYTES_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What the client and server agreed on for the transmission phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -279,7 +286,9 @@ where
     stream.write_all(&greeting).await?;
     stream.flush().await?;
 
-    let client_flags = stream.read_u32().await?;
+    let client_flags = tokio::time::timeout(FIRST_BYTES_TIMEOUT, stream.read_u32())
+        .await
+        .map_err(|_| HandshakeError::Silent)??;
     if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
         return Err(HandshakeError::BadClientFlags(client_flags));
     }

@@ -1,10 +1,13 @@
 //! Listeners and connections.
 //!
 //! Each accepted connection runs in its own task: handshake (bounded by
-//! [`HANDSHAKE_TIMEOUT`]), then the transmission loop. A connection's
-//! failure — garbage instead of a handshake, a client vanishing mid-write —
-//! is logged and ends only that connection. At most [`MAX_CONNECTIONS`] are
-//! served at once; one more is closed at once with a log line.
+//! [`HANDSHAKE_TIMEOUT`], and the client's first bytes by
+//! [`FIRST_BYTES_TIMEOUT`](super::handshake::FIRST_BYTES_TIMEOUT)), then
+//! the transmission loop. A connection's failure — garbage instead of a
+//! handshake, a client vanishing mid-write — is logged and ends only that
+//! connection. At most [`MAX_PENDING_HANDSHAKES`] handshakes run at once (a
+//! newcomer evicts the oldest) and [`MAX_CONNECTIONS`] clients are attached;
+//! refusals are logged with a rate limit.
 
 use std::io;
 use std::path::Path;
@@ -19,13 +22,18 @@ use tokio_util::sync::CancellationToken;
 use super::handshake::{handshake, HandshakeError};
 use super::transmission::{serve, BUDGET_UNIT_BYTES};
 use super::ExportPolicy;
+use crate::admission::{unix_owner, Owner, PendingSlots, RefusalLog, REFUSAL_LOG_INTERVAL};
 use crate::config::NbdListen;
 use crate::volume::Volume;
 
-/// Connections served at once (handshaking or transmitting).
+/// Clients attached (in the transmission phase) at once.
 pub const MAX_CONNECTIONS: usize = 256;
-/// A client must finish option haggling within this time.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections still in their handshake. When all are taken, the oldest
+/// gives way to a newcomer, so idle connections held open cannot keep a
+/// real client out (a real client's handshake takes milliseconds).
+pub const MAX_PENDING_HANDSHAKES: usize = 64;
+/// A client must reach the transmission phase (`OPT_GO`) within this time.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Request data buffered across all connections (write payloads and read
 /// results in flight): the daemon's memory bound for client I/O.
 pub const MAX_BUFFERED_BYTES_TOTAL: u64 = 512 << 20;
@@ -101,6 +109,8 @@ pub struct NbdServer<P> {
     policy: Arc<P>,
     clients: Arc<Clients>,
     connections: Arc<Semaphore>,
+    pending: Arc<PendingSlots>,
+    refusals: Arc<RefusalLog>,
     budget: Arc<Semaphore>,
 }
 
@@ -111,6 +121,8 @@ impl<P> Clone for NbdServer<P> {
             policy: self.policy.clone(),
             clients: self.clients.clone(),
             connections: self.connections.clone(),
+            pending: self.pending.clone(),
+            refusals: self.refusals.clone(),
             budget: self.budget.clone(),
         }
     }
@@ -158,25 +170,22 @@ impl<P: ExportPolicy + 'static> NbdServer<P> {
             policy,
             clients,
             connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            pending: PendingSlots::new(MAX_PENDING_HANDSHAKES),
+            refusals: Arc::new(RefusalLog::new("NBD listener")),
             budget: Arc::new(Semaphore::new(budget_units)),
         }
     }
 
     /// Accepts connections until the task is dropped.
     pub async fn run(self, listener: Listener) {
+        let mut flush = tokio::time::interval(REFUSAL_LOG_INTERVAL);
         loop {
-            let accepted = match &listener {
-                Listener::Tcp(tcp) => tcp.accept().await.map(|(stream, peer)| {
-                    // Replies are already batched; never let Nagle hold one.
-                    if let Err(e) = stream.set_nodelay(true) {
-                        tracing::warn!(error = %e, "cannot set TCP_NODELAY");
-                    }
-                    (Stream::Tcp(stream), peer.to_string())
-                }),
-                Listener::Unix(unix) => unix
-                    .accept()
-                    .await
-                    .map(|(stream, _)| (Stream::Unix(stream), "unix".to_string())),
+            let accepted = tokio::select! {
+                accepted = accept(&listener) => accepted,
+                _ = flush.tick() => {
+                    self.refusals.flush();
+                    continue;
+                }
             };
             let (stream, peer) = match accepted {
                 Ok(accepted) => accepted,
@@ -186,45 +195,67 @@ impl<P: ExportPolicy + 'static> NbdServer<P> {
                     continue;
                 }
             };
-            let Ok(permit) = self.connections.clone().try_acquire_owned() else {
-                tracing::warn!(client = %peer, limit = MAX_CONNECTIONS, "NBD connection refused: too many connections");
-                continue;
-            };
             let server = self.clone();
             tokio::spawn(async move {
                 match stream {
-                    Stream::Tcp(s) => server.connection(s, peer).await,
-                    Stream::Unix(s) => server.connection(s, peer).await,
+                    Stream::Tcp(s, owner) => server.connection(s, peer, owner).await,
+                    Stream::Unix(s) => {
+                        let owner = unix_owner(&s);
+                        server.connection(s, peer, owner).await
+                    }
                 }
-                drop(permit);
             });
         }
     }
 
-    /// Serves one connection from handshake to close.
-    pub async fn connection<S>(&self, mut stream: S, peer: String)
+    /// Serves one connection from handshake to close; `owner` is who holds
+    /// it (for the fair eviction of pending handshakes).
+    pub async fn connection<S>(&self, mut stream: S, peer: String, owner: Owner)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
         tracing::debug!(client = %peer, "NBD connection");
-        let session =
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut stream, &*self.policy))
-                .await
-            {
-                Ok(Ok(session)) => session,
-                Ok(Err(HandshakeError::Aborted)) => {
-                    tracing::debug!(client = %peer, "NBD client ended the handshake");
-                    return;
-                }
-                Ok(Err(e)) => {
-                    tracing::info!(client = %peer, reason = %e, "NBD handshake ended");
-                    return;
-                }
-                Err(_) => {
-                    tracing::info!(client = %peer, "NBD handshake timed out");
-                    return;
-                }
-            };
+        let (pending, evicted) = self.pending.admit(owner);
+        if let Some(owner) = evicted {
+            self.refusals.refused(
+                &owner.to_string(),
+                "too many handshakes in progress: its oldest gave way",
+            );
+        }
+        let handshaken = tokio::select! {
+            result = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut stream, &*self.policy)) => result,
+            () = pending.evicted() => return,
+        };
+        drop(pending);
+        let session = match handshaken {
+            Ok(Ok(session)) => session,
+            Ok(Err(HandshakeError::Aborted)) => {
+                tracing::debug!(client = %peer, "NBD client ended the handshake");
+                return;
+            }
+            Ok(Err(e)) => {
+                self.refusals
+                    .refused(&peer, &format!("handshake ended: {e}"));
+                return;
+            }
+            Err(_) => {
+                self.refusals.refused(
+                    &peer,
+                    &format!(
+                        "handshake not finished within {} s",
+                        HANDSHAKE_TIMEOUT.as_secs()
+                    ),
+                );
+                return;
+            }
+        };
+        let Ok(_permit) = self.connections.clone().try_acquire_owned() else {
+            self.refusals.refused(
+                &peer,
+                &format!("{MAX_CONNECTIONS} clients are attached already"),
+            );
+            return;
+        };
         let attached = self.clients.attach();
         tracing::info!(client = %peer, size_bytes = session.export.size_bytes,
             structured = session.structured, clients = self.clients.count(), "NBD client attached");
@@ -250,7 +281,27 @@ impl<P: ExportPolicy + 'static> NbdServer<P> {
     }
 }
 
+/// Accepts one connection.
+async fn accept(listener: &Listener) -> io::Result<(Stream, String)> {
+    match listener {
+        Listener::Tcp(tcp) => tcp.accept().await.map(|(stream, peer)| {
+            // Replies are already batched; never let Nagle hold one.
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::warn!(error = %e, "cannot set TCP_NODELAY");
+            }
+            (
+                Stream::Tcp(stream, Owner::Host(peer.ip())),
+                peer.to_string(),
+            )
+        }),
+        Listener::Unix(unix) => unix
+            .accept()
+            .await
+            .map(|(stream, _)| (Stream::Unix(stream), "unix".to_string())),
+    }
+}
+
 enum Stream {
-    Tcp(tokio::net::TcpStream),
+    Tcp(tokio::net::TcpStream, Owner),
     Unix(tokio::net::UnixStream),
 }

@@ -8,7 +8,8 @@
 //! whether to start a session (it refuses a second one, or a StandAlone
 //! peer).
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
 use super::handshake::{handshake, Identity};
+use crate::admission::{Owner, PendingSlots, RefusalLog, REFUSAL_LOG_INTERVAL};
 use crate::config::Config;
 use std::collections::BTreeMap;
 
@@ -30,9 +32,10 @@ pub const DIAL_BACKOFF_MAX: Duration = Duration::from_millis(250);
 /// A session that lived this long was a real connection: the next dial
 /// after it ends needs no backoff.
 const SESSION_STABLE: Duration = Duration::from_secs(2);
-/// Handshakes running at once on the listener (a flood of garbage
-/// connections cannot exhaust the node).
-pub const MAX_PENDING_HANDSHAKES: usize = 64;
+/// Handshakes running at once per configured peer on the listener. A
+/// peer dials one connection at a time; more come only from a host that
+/// misbehaves, which then crowds out nobody but itself.
+pub const MAX_PENDING_HANDSHAKES_PER_PEER: usize = 4;
 
 /// What the core wants for one peer's connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,9 +57,44 @@ pub struct Established {
     pub leftover: BytesMut,
 }
 
+/// Handshake slots of the listener, one set per host of the config: a
+/// connection from any other address is refused before it takes a slot,
+/// and a host that opens too many cannot crowd out the others.
+#[derive(Debug)]
+struct HostSlots {
+    by_host: HashMap<IpAddr, Arc<PendingSlots>>,
+}
+
+impl HostSlots {
+    fn of(config: &Config, me: u8) -> HostSlots {
+        let mut peers_on: HashMap<IpAddr, usize> = HashMap::new();
+        for node in config.nodes.iter().filter(|n| n.id != me) {
+            *peers_on
+                .entry(node.address.ip().to_canonical())
+                .or_default() += 1;
+        }
+        HostSlots {
+            by_host: peers_on
+                .into_iter()
+                .map(|(host, peers)| {
+                    (
+                        host,
+                        PendingSlots::new(peers * MAX_PENDING_HANDSHAKES_PER_PEER),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn get(&self, host: IpAddr) -> Option<&Arc<PendingSlots>> {
+        self.by_host.get(&host.to_canonical())
+    }
+}
+
 /// Accepts peer connections on `address` until the task is dropped; a
 /// peer the core keeps StandAlone (`wanted` is Off) is refused in the
-/// handshake.
+/// handshake. Connections from addresses that are no node of the config
+/// are closed at once, and every refusal is logged with a rate limit.
 pub async fn listen(
     listener: TcpListener,
     config: Arc<Config>,
@@ -65,9 +103,18 @@ pub async fn listen(
     established: mpsc::Sender<Established>,
 ) {
     let wanted = Arc::new(wanted);
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let hosts = HostSlots::of(&config, identity.node_id);
+    let refusals = Arc::new(RefusalLog::new("replication listener"));
+    let mut flush = tokio::time::interval(REFUSAL_LOG_INTERVAL);
     loop {
-        let (mut stream, from) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = flush.tick() => {
+                refusals.flush();
+                continue;
+            }
+        };
+        let (mut stream, from) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 tracing::warn!(error = %e, "replication accept failed");
@@ -75,14 +122,25 @@ pub async fn listen(
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%from, "replication connection dropped: too many handshakes in progress");
+        let Some(slots) = hosts.get(from.ip()) else {
+            refusals.refused(
+                &from.to_string(),
+                "not the address of any node in the config",
+            );
             continue;
         };
+        let (pending, evicted) = slots.admit(Owner::Host(from.ip()));
+        if let Some(owner) = evicted {
+            refusals.refused(
+                &owner.to_string(),
+                "too many handshakes from this host: its oldest gave way",
+            );
+        }
         let config = config.clone();
         let identity = identity.clone();
         let established = established.clone();
         let wanted = wanted.clone();
+        let refusals = refusals.clone();
         tokio::spawn(
             async move {
                 let admit = |peer: u8| match wanted.get(&peer).map(|w| *w.borrow()) {
@@ -93,7 +151,12 @@ pub async fn listen(
                     )),
                     _ => Ok(()),
                 };
-                match handshake(&mut stream, &identity, &config, None, &admit).await {
+                let result = tokio::select! {
+                    result = handshake(&mut stream, &identity, &config, None, &admit) => result,
+                    () = pending.evicted() => return,
+                };
+                drop(pending);
+                match result {
                     Ok((peer, leftover)) => {
                         let _ = established
                             .send(Established {
@@ -103,9 +166,8 @@ pub async fn listen(
                             })
                             .await;
                     }
-                    Err(e) => tracing::warn!(%from, reason = %e, "peer connection refused"),
+                    Err(e) => refusals.refused(&from.to_string(), &e.to_string()),
                 }
-                drop(permit);
             }
             .in_current_span(),
         );

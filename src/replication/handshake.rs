@@ -17,7 +17,11 @@ use crate::config::Config;
 /// A peer must complete the handshake within this time.
 pub const PEER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Handshake messages are small: anything bigger is not a hablk peer.
-const MAX_HANDSHAKE_FRAME_BYTES: usize = 64 << 10;
+pub const MAX_HANDSHAKE_FRAME_BYTES: usize = 64 << 10;
+/// The side that accepted a connection gives the dialer this long to send
+/// its `Hello`, which a peer does at once: a connection that holds a
+/// handshake slot without a word is dropped quickly.
+pub const FIRST_FRAME_TIMEOUT: Duration = Duration::from_millis(500);
 const AUTH_CONTEXT: &[u8] = b"hablk peer auth v1";
 
 #[derive(Debug, Error)]
@@ -32,6 +36,13 @@ pub enum PeerHandshakeError {
     Refused(String),
     #[error("the peer did not finish the handshake in time")]
     Timeout,
+    #[error("sent nothing within {} ms of connecting", FIRST_FRAME_TIMEOUT.as_millis())]
+    Silent,
+    #[error(
+        "handshake frame of {bytes} bytes exceeds the handshake limit of {limit} bytes: not a \
+         hablk peer"
+    )]
+    FrameTooLarge { bytes: usize, limit: usize },
 }
 
 /// Who this node is, as the handshake presents it.
@@ -84,12 +95,15 @@ pub async fn read_frame<S: AsyncRead + Unpin>(
     limit: usize,
 ) -> Result<wire::Frame, PeerHandshakeError> {
     loop {
+        if let Some(prefix) = buf.get(..4) {
+            let bytes = u32::from_le_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+            if bytes > limit {
+                return Err(PeerHandshakeError::FrameTooLarge { bytes, limit });
+            }
+        }
         let needed = wire::check(buf)?;
         if needed == 0 {
             return Ok(wire::decode(buf)?);
-        }
-        if buf.len() + needed > limit + wire::FRAME_HEADER_BYTES {
-            return Err(WireError::TooLarge(buf.len() + needed).into());
         }
         buf.reserve(needed);
         if stream.read_buf(buf).await? == 0 {
@@ -163,7 +177,14 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     )
     .await?;
     let mut buf = BytesMut::with_capacity(4096);
-    let frame = read_frame(stream, &mut buf, MAX_HANDSHAKE_FRAME_BYTES).await?;
+    let first = read_frame(stream, &mut buf, MAX_HANDSHAKE_FRAME_BYTES);
+    let frame = if expected.is_none() {
+        tokio::time::timeout(FIRST_FRAME_TIMEOUT, first)
+            .await
+            .map_err(|_| PeerHandshakeError::Silent)??
+    } else {
+        first.await?
+    };
     let (peer_id, peer_nonce) = match frame.message {
         Message::Hello {
             version,
@@ -376,12 +397,54 @@ disk = "/tmp/b"
     }
 
     #[tokio::test]
+    async fn an_oversized_handshake_frame_names_the_handshake_limit() {
+        let a = config(None, "beta");
+        let (mut x, mut y) = tokio::io::duplex(1 << 16);
+        let ia = Identity::of(&a, 0).unwrap();
+        let mut frame = ((32u32 << 20) + 8).to_le_bytes().to_vec();
+        frame.extend_from_slice(&[0; 4]);
+        let (result, _) = tokio::join!(handshake(&mut x, &ia, &a, None, &admit_all), async {
+            y.write_all(&frame).await.unwrap();
+        });
+        let error = result.unwrap_err().to_string();
+        assert!(
+            error.contains("33554440 bytes exceeds the handshake limit of 65536 bytes"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_gives_up_its_slot_quickly() {
+        let a = config(None, "beta");
+        let (mut x, _y) = tokio::io::duplex(1 << 16);
+        let ia = Identity::of(&a, 0).unwrap();
+        let started = tokio::time::Instant::now();
+        let result = handshake(&mut x, &ia, &a, None, &admit_all).await;
+        assert!(
+            matches!(result, Err(PeerHandshakeError::Silent)),
+            "{result:?}"
+        );
+        assert_eq!(started.elapsed(), FIRST_FRAME_TIMEOUT);
+    }
+
+    #[tokio::test]
     async fn garbage_is_refused() {
         let a = config(None, "beta");
         let (mut x, mut y) = tokio::io::duplex(1 << 16);
         let ia = Identity::of(&a, 0).unwrap();
         let (result, _) = tokio::join!(handshake(&mut x, &ia, &a, None, &admit_all), async {
             y.write_all(&[0xFF; 64]).await.unwrap();
+        });
+        assert!(
+            matches!(result, Err(PeerHandshakeError::FrameTooLarge { .. })),
+            "{result:?}"
+        );
+        // Garbage that fits the limit fails its checksum.
+        let (mut x, mut y) = tokio::io::duplex(1 << 16);
+        let (result, _) = tokio::join!(handshake(&mut x, &ia, &a, None, &admit_all), async {
+            let mut frame = 16u32.to_le_bytes().to_vec();
+            frame.extend_from_slice(&[0xFF; 20]);
+            y.write_all(&frame).await.unwrap();
         });
         assert!(
             matches!(result, Err(PeerHandshakeError::Wire(_))),
