@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::faults::with_witness;
+use common::faults::{start_primary, with_witness};
 use common::*;
 
 const MIB: u64 = 1 << 20;
@@ -201,14 +201,7 @@ impl QuorumWatch {
 fn strangers_holding_the_replication_port_cannot_keep_peers_apart() {
     isolate_network();
     let mut cluster = with_witness(DISK, PING);
-    up_all(&mut cluster);
-    let (code, stdout, stderr) = cluster.cmd("alpha", &["skip-initial-sync"]);
-    assert_eq!(code, 0, "skip-initial-sync: {stdout}{stderr}");
-    for node in ["alpha", "beta"] {
-        cluster.wait_status(node, "UpToDate", |s| s["disk"] == "UpToDate");
-    }
-    let (code, stdout, stderr) = cluster.cmd("alpha", &["primary"]);
-    assert_eq!(code, 0, "primary: {stdout}{stderr}");
+    start_primary(&mut cluster);
 
     let quiet = reconnect_beta(&cluster);
 

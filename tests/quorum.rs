@@ -39,34 +39,8 @@ fn names(cluster: &Cluster) -> Vec<String> {
     cluster.nodes.iter().map(|n| n.name.clone()).collect()
 }
 
-fn data_names(cluster: &Cluster) -> Vec<String> {
-    cluster
-        .nodes
-        .iter()
-        .filter(|n| n.disk_bytes.is_some())
-        .map(|n| n.name.clone())
-        .collect()
-}
-
 fn refs(names: &[String]) -> Vec<&str> {
     names.iter().map(String::as_str).collect()
-}
-
-/// Starts every node, `skip-initial-sync`, and `primary` on `alpha`;
-/// returns the data size.
-fn start(cluster: &mut Cluster) -> u64 {
-    up_all(cluster);
-    let (code, stdout, stderr) = cluster.cmd("alpha", &["skip-initial-sync"]);
-    assert_eq!(code, 0, "skip-initial-sync: {stdout}{stderr}");
-    for name in data_names(cluster) {
-        cluster.wait_status(&name, "UpToDate", |s| s["disk"] == "UpToDate");
-    }
-    let (code, stdout, stderr) = cluster.cmd("alpha", &["primary"]);
-    assert_eq!(code, 0, "primary: {stdout}{stderr}");
-    let status = cluster.status("alpha");
-    assert_eq!(status["role"], "Primary", "{status}");
-    assert_eq!(status["quorum"], true, "{status}");
-    status["size_bytes"].as_u64().unwrap()
 }
 
 /// Runs qemu-io commands; returns whether all succeeded, and the output.
@@ -373,7 +347,7 @@ fn newer_generation_refusal(stderr: &str) -> bool {
 fn a_data_node_that_missed_writes_is_refused_even_with_the_witness() {
     isolate_network();
     let mut cluster = with_witness(DISK, PING);
-    let size = start(&mut cluster);
+    let size = start_primary(&mut cluster);
     let alpha_uri = cluster.nbd_uri("alpha");
     qemu_io(&alpha_uri, &["write -P 0x11 0 1M"]);
     let old = cluster.status("alpha")["generation"].clone();
@@ -448,7 +422,7 @@ fn a_data_node_that_missed_writes_is_refused_even_with_the_witness() {
 fn a_restarted_data_node_that_missed_writes_becomes_outdated_and_is_refused() {
     isolate_network();
     let mut cluster = with_witness(DISK, PING);
-    let size = start(&mut cluster);
+    let size = start_primary(&mut cluster);
     let alpha_uri = cluster.nbd_uri("alpha");
     qemu_io(&alpha_uri, &["write -P 0x11 0 1M"]);
     let old = cluster.status("alpha")["generation"].clone();
@@ -504,7 +478,7 @@ fn a_restarted_data_node_that_missed_writes_becomes_outdated_and_is_refused() {
 fn partitioned_primary_fails_io_with_eio_and_rejoins_after_the_majority_promoted() {
     isolate_network();
     let mut cluster = with_witness(DISK, &format!("{PING}\non-no-quorum = \"io-error\""));
-    let size = start(&mut cluster);
+    let size = start_primary(&mut cluster);
     let (alpha_uri, beta_uri) = (cluster.nbd_uri("alpha"), cluster.nbd_uri("beta"));
     qemu_io(&alpha_uri, &["write -P 0x11 0 4M"]);
     let alpha_events = cluster.events("alpha");
@@ -613,7 +587,7 @@ fn partitioned_primary_fails_io_with_eio_and_rejoins_after_the_majority_promoted
 fn partitioned_primary_with_suspend_io_completes_held_writes_when_it_heals() {
     isolate_network();
     let mut cluster = with_witness(DISK, &format!("{PING}\non-no-quorum = \"suspend-io\""));
-    let size = start(&mut cluster);
+    let size = start_primary(&mut cluster);
     let alpha_uri = cluster.nbd_uri("alpha");
     qemu_io(&alpha_uri, &["write -P 0x11 0 4M"]);
 
@@ -659,7 +633,7 @@ fn partitioned_primary_with_suspend_io_completes_held_writes_when_it_heals() {
 fn held_writes_fail_when_the_majority_promoted_during_the_partition() {
     isolate_network();
     let mut cluster = with_witness(DISK, &format!("{PING}\non-no-quorum = \"suspend-io\""));
-    let size = start(&mut cluster);
+    let size = start_primary(&mut cluster);
     let (alpha_uri, beta_uri) = (cluster.nbd_uri("alpha"), cluster.nbd_uri("beta"));
     qemu_io(&alpha_uri, &["write -P 0x11 0 4M"]);
     let alpha_all = cluster.events("alpha");
@@ -726,7 +700,7 @@ fn held_writes_fail_when_the_majority_promoted_during_the_partition() {
 /// Two nodes with `quorum = "off"`, alpha Primary with 0x11 over the first
 /// 4 MiB; cut apart, beta promoted too. Returns the data size and the cut.
 fn split_brain_setup(cluster: &mut Cluster) -> (u64, Partition) {
-    let size = start(cluster);
+    let size = start_primary(cluster);
     qemu_io(&cluster.nbd_uri("alpha"), &["write -P 0x11 0 4M"]);
     wait_sync(cluster, "alpha");
     let mut partition = Partition::new();
@@ -990,7 +964,7 @@ fn client_with_a_write_in_flight(cluster: &Cluster, offset: u64) -> (HeldClient,
 fn secondary_refuses_with_clients_and_force_finishes_in_flight_writes() {
     isolate_network();
     let mut cluster = with_witness(DISK, PING);
-    let size = start(&mut cluster);
+    let size = start_primary(&mut cluster);
     let events = cluster.events("alpha");
     let (mut client, early) = client_with_a_write_in_flight(&cluster, MIB);
     events.wait_for("secondary refused (call line)", |e| {
@@ -1028,7 +1002,7 @@ fn secondary_refuses_with_clients_and_force_finishes_in_flight_writes() {
 fn down_refuses_with_clients_and_force_finishes_in_flight_writes() {
     isolate_network();
     let mut cluster = with_witness(DISK, PING);
-    let size = start(&mut cluster);
+    let size = start_primary(&mut cluster);
     let events = cluster.events("alpha");
     let (mut client, early) = client_with_a_write_in_flight(&cluster, 2 * MIB);
     events.wait_for("down refused (call line)", |e| {
@@ -1199,7 +1173,7 @@ fn durability_round(fault: Fault, round: u16, seed: u64) {
         &format!("{PING}\non-no-quorum = \"{policy}\""),
     );
     let all = names(&cluster);
-    start(&mut cluster);
+    start_primary(&mut cluster);
     let others: Vec<String> = all.iter().filter(|n| *n != "alpha").cloned().collect();
     let mut problems: Vec<String> = Vec::new();
 
@@ -1411,7 +1385,7 @@ fn durability_rounds_partition() {
 fn ext4_survives_kill_9_of_the_primary_and_mounts_on_the_promoted_node() {
     isolate_network();
     let mut cluster = with_witness(64 * MIB, PING);
-    start(&mut cluster);
+    start_primary(&mut cluster);
     let dir = tempfile::tempdir().unwrap();
     let sources = cluster.dir.path().join("sources");
     std::fs::create_dir_all(sources.join("dir")).unwrap();

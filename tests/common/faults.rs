@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{run, run_ok, wait_for, Cluster, NodeSpec};
+use super::{run, run_ok, up_all, wait_for, Cluster, NodeSpec};
 
 /// The nftables table every partition rule lives in.
 const TABLE: &str = "hablktest";
@@ -210,6 +210,30 @@ pub fn witness_spec(name: &str, id: u8) -> NodeSpec {
 
 /// `alpha` (127.0.0.1) and `beta` (127.0.0.2) with disks of `disk_bytes`,
 /// and the diskless `witness` (127.0.0.3).
+/// Starts every node, `skip-initial-sync`, and `primary` on `alpha` (with
+/// quorum); returns the data size.
+#[track_caller]
+pub fn start_primary(cluster: &mut Cluster) -> u64 {
+    up_all(cluster);
+    let (code, stdout, stderr) = cluster.cmd("alpha", &["skip-initial-sync"]);
+    assert_eq!(code, 0, "skip-initial-sync: {stdout}{stderr}");
+    let data_nodes: Vec<String> = cluster
+        .nodes
+        .iter()
+        .filter(|n| n.disk_bytes.is_some())
+        .map(|n| n.name.clone())
+        .collect();
+    for name in data_nodes {
+        cluster.wait_status(&name, "UpToDate", |s| s["disk"] == "UpToDate");
+    }
+    let (code, stdout, stderr) = cluster.cmd("alpha", &["primary"]);
+    assert_eq!(code, 0, "primary: {stdout}{stderr}");
+    let status = cluster.status("alpha");
+    assert_eq!(status["role"], "Primary", "{status}");
+    assert_eq!(status["quorum"], true, "{status}");
+    status["size_bytes"].as_u64().unwrap()
+}
+
 pub fn with_witness(disk_bytes: u64, resource_extra: &str) -> Cluster {
     Cluster::new(
         vec![
