@@ -28,10 +28,11 @@ use crate::volume::Volume;
 
 /// Clients attached (in the transmission phase) at once.
 pub const MAX_CONNECTIONS: usize = 256;
-/// Connections still in their handshake. When all are taken, the oldest
-/// gives way to a newcomer, so idle connections held open cannot keep a
-/// real client out (a real client's handshake takes milliseconds).
-pub const MAX_PENDING_HANDSHAKES: usize = 64;
+/// Connections still in their handshake: as many as may be attached, so a
+/// burst of real clients (a host attaching many devices at once) all fit.
+/// When all are taken, the source holding the most gives up its oldest,
+/// so idle connections held open by one host cannot keep others out.
+pub const MAX_PENDING_HANDSHAKES: usize = MAX_CONNECTIONS;
 /// A client must reach the transmission phase (`OPT_GO`) within this time.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Request data buffered across all connections (write payloads and read
