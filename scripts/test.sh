@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command (CI runs it through .ci/run): installs what the
 # tests need when it is missing, then runs rustfmt, clippy and the test suite.
-# Exits non-zero if any of them fails. The fuzz/ crate is not built here
-# (cargo-fuzz needs a nightly toolchain).
+# Exits non-zero if any of them fails. Last, a short run of every fuzz
+# target (scripts/fuzz.sh; cargo-fuzz is installed when missing).
 set -euo pipefail
 
 # shellcheck source=scripts/lib.sh
@@ -44,6 +44,11 @@ fi
 step "cargo nextest run --profile ci --features failpoints"
 if ! cargo nextest run --profile ci --features failpoints; then
     failed+=("tests")
+fi
+
+step "a short run of every fuzz target (scripts/fuzz.sh)"
+if ! ./scripts/fuzz.sh --seconds "${HABLK_FUZZ_SECONDS:-20}"; then
+    failed+=("fuzz")
 fi
 
 if [[ ${#failed[@]} -gt 0 ]]; then
