@@ -229,8 +229,20 @@ fn strangers_holding_the_replication_port_cannot_keep_peers_apart() {
         (strangers.opened() > 300 && peer_host.opened() > 100).then_some(())
     });
     let flooded = reconnect_beta(&cluster);
+    // A witness that restarts is found again through its flooded port too
+    // (alpha keeps quorum with beta meanwhile).
+    cluster.kill("witness");
+    cluster.wait_status("alpha", "the witness gone", |s| {
+        peer_of(s, "witness")["connection"] != "Connected"
+    });
+    cluster.up("witness");
+    for node in ["alpha", "beta"] {
+        cluster.wait_status(node, "the witness back", |s| {
+            peer_of(s, "witness")["connection"] == "Connected"
+        });
+    }
     // The floods go on until beta has logged a count of what it refused
-    // (one line per interval): the reconnection happened during them.
+    // (one line per interval): the reconnections happened during them.
     let summary = wait_log(&cluster, "beta", "more connections refused in the last");
     let opened = strangers.opened() + peer_host.opened();
     drop(strangers);
@@ -285,6 +297,20 @@ fn watcher(socket: &PathBuf) -> UnixStream {
     stream
 }
 
+/// Waits (at most a generous 10 s) for the daemon to close a connection
+/// that has sent nothing; fails if it stays open.
+fn assert_closed_while_silent(mut connection: impl std::io::Read, what: &str) {
+    let mut buf = [0u8; 256];
+    loop {
+        match connection.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+            Err(e) => panic!("{what} was not closed: {e}"),
+        }
+    }
+}
+
 #[test]
 fn idle_connections_cannot_lock_out_the_cli_or_nbd_clients() {
     isolate_network();
@@ -326,6 +352,21 @@ fn idle_connections_cannot_lock_out_the_cli_or_nbd_clients() {
         code, 0,
         "status beside 100 silent connections: {stdout}{stderr}"
     );
+
+    // A silent connection is closed after the request-line timeout, a
+    // silent NBD client after the greeting's.
+    let quiet = UnixStream::connect(&socket).unwrap();
+    quiet
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert_closed_while_silent(quiet, "a silent control connection");
+    let quiet =
+        std::net::TcpStream::connect(format!("127.0.0.1:{}", cluster.spec("alpha").nbd_port))
+            .unwrap();
+    quiet
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert_closed_while_silent(quiet, "an NBD client silent after the greeting");
 
     // NBD: a stranger holds idle connections open; clients still attach.
     let nbd: SocketAddr = format!("127.0.0.1:{}", cluster.spec("alpha").nbd_port)
