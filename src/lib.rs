@@ -6,7 +6,8 @@
 //! on-disk metadata, [`cluster`] owns roles, generations and quorum, and
 //! [`control`] answers the CLI over a unix socket; [`admission`] keeps
 //! floods of idle connections from locking real clients and peers out. [`daemon`] wires them
-//! together for `hablk up`; [`commands`] is what each CLI command does.
+//! together for `hablk up`; [`commands`] is what each CLI command does, and [`ocf`] is the
+//! Pacemaker resource agent.
 
 pub mod admission;
 pub mod cluster;
@@ -16,6 +17,7 @@ pub mod control;
 pub mod daemon;
 pub mod meta;
 pub mod nbd;
+pub mod ocf;
 pub mod replication;
 pub mod storage;
 pub mod volume;

@@ -122,7 +122,20 @@ enum Command {
     /// Declare all data nodes of a new cluster UpToDate without a sync.
     #[command(after_help = EXIT_STATUS_HELP)]
     SkipInitialSync,
+    /// Run one action of the Pacemaker resource agent (through the OCF
+    /// wrapper, with its OCF_RESKEY_* parameters in the environment).
+    #[command(after_help = OCF_EXIT_STATUS_HELP)]
+    Ocf {
+        /// start, stop, monitor, promote, demote, notify, validate-all or
+        /// meta-data.
+        action: String,
+    },
 }
+
+/// The agent answers in OCF's exit codes, not in hablk's.
+const OCF_EXIT_STATUS_HELP: &str = "\
+Exit status (OCF): 0 success, 1 generic error, 5 not installed, 6 not
+configured, 7 not running, 8 running Promoted, 9 failed Promoted";
 
 fn main() -> ExitCode {
     // Fault-injection builds configure their fault points from FAILPOINTS.
@@ -170,6 +183,7 @@ fn main() -> ExitCode {
         Command::Invalidate => commands::role_command(&target, Request::Invalidate),
         Command::WaitSync { timeout } => commands::wait_sync(&target, timeout.map(Into::into)),
         Command::SkipInitialSync => commands::role_command(&target, Request::SkipInitialSync),
+        Command::Ocf { action } => return ExitCode::from(u8::from(hablk::ocf::run(&action))),
     };
     ExitCode::from(u8::from(code))
 }

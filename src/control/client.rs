@@ -79,8 +79,17 @@ impl ControlClient {
     }
 
     /// Sends one request and reads its response.
-    pub fn request(mut self, request: &Request) -> Result<Response, ClientError> {
-        self.send(request, Some(RESPONSE_TIMEOUT))?;
+    pub fn request(self, request: &Request) -> Result<Response, ClientError> {
+        self.request_within(request, RESPONSE_TIMEOUT)
+    }
+
+    /// [`ControlClient::request`], giving up after `timeout`.
+    pub fn request_within(
+        mut self,
+        request: &Request,
+        timeout: Duration,
+    ) -> Result<Response, ClientError> {
+        self.send(request, Some(timeout))?;
         let line = self.read_line()?.ok_or_else(|| {
             ClientError::Protocol("the daemon closed the connection without answering".into())
         })?;
