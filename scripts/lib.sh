@@ -34,6 +34,13 @@ HABLK_PACKAGES=(
     "iproute2:ip"
     "util-linux:losetup"
     "util-linux:unshare"
+    "pacemaker:pacemakerd"
+    "pacemaker-cli-utils:crm_mon"
+    "corosync:corosync"
+    "crmsh:crm"
+    "resource-agents:ocf-tester"
+    "libxml2-utils:xmllint"
+    "kmod:modprobe"
 )
 
 # Installed only when named: qemu-storage-daemon (the benchmark's replicated

@@ -367,6 +367,9 @@ impl ExportDevice {
             }
         }
         let _ = fs::remove_file(self.state("nbdfuse.pid"));
+        // Empty by now; a reboot would clear them anyway.
+        let _ = fs::remove_dir(&fuse_dir);
+        let _ = fs::remove_dir(&self.state_dir);
         Ok(())
     }
 }

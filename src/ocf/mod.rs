@@ -68,13 +68,24 @@ const META_DATA: &str = include_str!("meta-data.xml");
 
 /// The score Pacemaker should see for this node: `None` removes it (the
 /// node must not be promoted).
+///
+/// A Consistent disk learns whether it is current as soon as it sees a
+/// quorum, so with a quorum it waits for that answer (UpToDate, or Outdated
+/// and never promoted); only without one, where hablk decides on
+/// promotion, does it get the low score.
 pub fn promotion_score(status: &Status) -> Option<u32> {
     match (status.role, status.disk) {
         (Role::Primary, DiskState::UpToDate) => Some(PROMOTED_SCORE),
         (_, DiskState::UpToDate) => Some(UP_TO_DATE_SCORE),
-        (_, DiskState::Consistent) => Some(CONSISTENT_SCORE),
+        (_, DiskState::Consistent) if !status.quorum => Some(CONSISTENT_SCORE),
         _ => None,
     }
+}
+
+/// The score right after `start`: a daemon that has only just started has
+/// not met its peers yet, so a Consistent disk is not yet a candidate.
+fn start_score(status: &Status) -> Option<u32> {
+    promotion_score(status).filter(|_| status.disk != DiskState::Consistent)
 }
 
 /// What `monitor` reports for a running daemon. `device_healthy` says
@@ -305,7 +316,7 @@ impl Agent {
         }
         match self.status() {
             Ok(Some(status)) => {
-                self.set_score(promotion_score(&status));
+                self.set_score(start_score(&status));
                 return OcfStatus::Success;
             }
             Ok(None) => {}
@@ -361,7 +372,7 @@ impl Agent {
                     status.role,
                     status.disk
                 ));
-                self.set_score(promotion_score(&status));
+                self.set_score(start_score(&status));
                 return OcfStatus::Success;
             }
             if Instant::now() > self.deadline {
@@ -588,6 +599,20 @@ mod tests {
         assert_eq!(
             promotion_score(&status(Role::Secondary, Consistent, false)),
             Some(CONSISTENT_SCORE)
+        );
+        // With a quorum it is about to learn UpToDate or Outdated; just
+        // started, it has not met anyone yet.
+        assert_eq!(
+            promotion_score(&status(Role::Secondary, Consistent, true)),
+            None
+        );
+        assert_eq!(
+            start_score(&status(Role::Secondary, Consistent, false)),
+            None
+        );
+        assert_eq!(
+            start_score(&status(Role::Secondary, UpToDate, false)),
+            Some(UP_TO_DATE_SCORE)
         );
         for disk in [
             Diskless,

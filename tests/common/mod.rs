@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod faults;
+pub mod pacemaker;
 
 /// How long a test waits for anything (a daemon to answer, an event).
 pub const WAIT: Duration = Duration::from_secs(30);
@@ -55,13 +56,21 @@ pub fn run_ok(command: &mut Command) -> Output {
 
 /// Waits until `check` returns `Some`, or panics with `what`.
 #[track_caller]
-pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + WAIT;
+pub fn wait_for<T>(what: &str, check: impl FnMut() -> Option<T>) -> T {
+    wait_for_within(WAIT, check).unwrap_or_else(|| panic!("timed out waiting for {what}"))
+}
+
+/// Polls `check` until it returns `Some`, for at most `timeout`; `None`
+/// when it never did (the caller says what was missing).
+pub fn wait_for_within<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
     loop {
         if let Some(value) = check() {
-            return value;
+            return Some(value);
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        if Instant::now() >= deadline {
+            return None;
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
