@@ -104,7 +104,7 @@ logging {
     logfile: /var/log/corosync/corosync.log
     to_stderr: no
     to_syslog: no
-    timestamp: on
+    timestamp: hires
 }
 EOF
 }

@@ -318,3 +318,144 @@ fn wait_for_not_primary(cluster: &PcmkCluster, node: &str) {
     })
     .unwrap_or_else(|| panic!("{node} still Primary\n{}", cluster.logs()));
 }
+
+/// Seconds since midnight (UTC) of a Pacemaker or Corosync log line
+/// (`Dec 07 05:52:24.047 ...`).
+fn log_time(line: &str) -> Option<f64> {
+    let clock = line.split_whitespace().nth(2)?;
+    let mut parts = clock.split(':');
+    let hours: f64 = parts.next()?.parse().ok()?;
+    let minutes: f64 = parts.next()?.parse().ok()?;
+    let seconds: f64 = parts.next()?.parse().ok()?;
+    Some(hours * 3600.0 + minutes * 60.0 + seconds)
+}
+
+fn now_of_day() -> f64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    (now.as_secs_f64()) % 86_400.0
+}
+
+/// When the first line of `log` (on `node`) after `since` containing
+/// `needle` was written, relative to `since`.
+fn logged_after(cluster: &PcmkCluster, node: &str, log: &str, since: f64, needle: &str) -> f64 {
+    let text = std::fs::read_to_string(cluster.dir.path().join(node).join(log)).unwrap();
+    text.lines()
+        .filter(|line| line.contains(needle))
+        .filter_map(log_time)
+        .find(|time| *time >= since)
+        .map_or(f64::NAN, |time| time - since)
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Failover and planned-move times, five of each, with where the time
+/// goes. Not part of the suite (it measures, it asserts little): run with
+/// `cargo nextest run --test pacemaker --run-ignored only --no-capture`.
+#[test]
+#[ignore]
+fn failover_timings() {
+    const ROUNDS: usize = 5;
+    let cluster = PcmkCluster::up();
+    let mut primary = cluster.configure_clone();
+    cluster.configure_filesystem(&primary);
+    let (mut totals, mut membership, mut promote_start, mut promote_end, mut mounted) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for round in 0..ROUNDS {
+        let written = cluster.write_files(&primary, &format!("round{round}"), 2);
+        let survivor = other(&primary);
+        let since = now_of_day();
+        let start = Instant::now();
+        cluster.kill(&primary);
+        cluster.wait_mon(survivor, "failed over", |s| {
+            s.running_on("fs").as_deref() == Some(survivor)
+        });
+        totals.push(seconds_since(start));
+        let pcmk = "var-log/pacemaker/pacemaker.log";
+        membership.push(logged_after(
+            &cluster,
+            survivor,
+            "var-log/corosync/corosync.log",
+            since,
+            "A new membership",
+        ));
+        promote_start.push(logged_after(
+            &cluster,
+            survivor,
+            pcmk,
+            since,
+            "Requesting local execution of promote operation for vol",
+        ));
+        promote_end.push(logged_after(
+            &cluster,
+            survivor,
+            pcmk,
+            since,
+            "Result of promote operation for vol",
+        ));
+        mounted.push(logged_after(
+            &cluster,
+            survivor,
+            pcmk,
+            since,
+            "Result of start operation for fs",
+        ));
+        assert_eq!(
+            cluster.read_files(survivor, &format!("round{round}")),
+            written
+        );
+        cluster.start(&primary);
+        wait_resynced(&cluster, &primary);
+        cluster.wait_mon(survivor, "all back", |s| {
+            s.unpromoted().len() == 2 && s.running_on("app").is_some()
+        });
+        primary = survivor.to_owned();
+    }
+    println!(
+        "kill -9 → fs mounted, median of {ROUNDS}: {:.2} s (all: {totals:.2?})",
+        median(&mut totals.clone())
+    );
+    println!(
+        "  Corosync membership at {:.2} s, promote requested at {:.2} s, promoted at {:.2} s, \
+         mounted at {:.2} s (medians, from the survivor's logs)",
+        median(&mut membership),
+        median(&mut promote_start),
+        median(&mut promote_end),
+        median(&mut mounted)
+    );
+    let mut moves = vec![];
+    for _ in 0..ROUNDS {
+        let target = other(&primary);
+        let start = Instant::now();
+        cluster.exec_ok(
+            "witness",
+            &[
+                "crm_resource",
+                "--move",
+                "--promoted",
+                "--resource",
+                "vol-clone",
+                "--node",
+                target,
+            ],
+        );
+        cluster.wait_mon(target, "moved", |s| {
+            s.running_on("app").as_deref() == Some(target)
+        });
+        moves.push(seconds_since(start));
+        cluster.exec_ok(
+            "witness",
+            &["crm_resource", "--clear", "--resource", "vol-clone"],
+        );
+        wait_resynced(&cluster, &primary);
+        primary = target.to_owned();
+    }
+    println!(
+        "planned move → app running on the target, median of {ROUNDS}: {:.2} s (all: {moves:.2?})",
+        median(&mut moves.clone())
+    );
+}
