@@ -459,3 +459,45 @@ fn failover_timings() {
         median(&mut moves.clone())
     );
 }
+
+#[test]
+fn pacemaker_recovers_a_daemon_that_died() {
+    let cluster = PcmkCluster::up();
+    let first = cluster.configure_clone();
+    cluster.configure_filesystem(&first);
+    let written = cluster.write_files(&first, "before", 4);
+    let second = other(&first);
+    let kill_daemon = |node: &str| {
+        cluster.exec_ok(
+            node,
+            &["pkill", "-KILL", "-f", "--", &format!("-n {node} up$")],
+        );
+    };
+
+    // The Unpromoted copy's daemon dies: its monitor says "not running",
+    // Pacemaker starts it again, and it catches up.
+    kill_daemon(second);
+    cluster.wait_mon(&first, "the monitor failure seen", |s| {
+        s.failures
+            .iter()
+            .any(|(op, node, _)| op.starts_with("vol_monitor") && node == second)
+    });
+    wait_resynced(&cluster, second);
+
+    // The Primary's daemon dies under the mounted file system: Pacemaker
+    // stops the file system, recovers the clone (in place, its default)
+    // and mounts the file system again on the Promoted node, every file
+    // intact.
+    kill_daemon(&first);
+    let state = cluster.wait_mon(second, "fs and app recovered", |s| {
+        s.failures
+            .iter()
+            .any(|(op, node, _)| op.starts_with("vol_monitor") && node == first.as_str())
+            && s.promoted().is_some()
+            && s.running_on("fs") == s.promoted()
+            && s.running_on("app") == s.promoted()
+    });
+    let promoted = state.promoted().unwrap();
+    assert_eq!(cluster.read_files(&promoted, "before"), written);
+    wait_resynced(&cluster, other(&promoted));
+}

@@ -521,6 +521,17 @@ impl Agent {
         if let Err(status) = self.detach() {
             return status;
         }
+        match self.status() {
+            // A daemon that died is no Primary: demoted. The monitor's
+            // "not running" has Pacemaker start it again.
+            Ok(None) => {
+                log("demote: the daemon is not running; nothing is Primary here");
+                self.set_score(None);
+                return OcfStatus::Success;
+            }
+            Ok(Some(_)) => {}
+            Err(e) => return fail(OcfStatus::ErrGeneric, &e),
+        }
         let mut response = match self.request(&Request::Secondary { force: false }) {
             Ok(response) => response,
             Err(e) => return fail(OcfStatus::ErrGeneric, &format!("hablk secondary: {e}")),
