@@ -225,7 +225,8 @@ wait_online() {
 forget_loops() {
     local node=$1 pid
     pid=$(init_pid "$node") || return 0
-    nsenter -t "$pid" -m -- sh -c 'cat /run/hablk/ocf/*/loop 2>/dev/null' \
+    # One per line: the agent's state files end without a newline.
+    nsenter -t "$pid" -m -- sh -c 'for f in /run/hablk/ocf/*/loop; do [ -f "$f" ] && cat "$f" && echo; done' \
         >>"$dir/loops" || true
 }
 

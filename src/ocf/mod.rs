@@ -199,9 +199,11 @@ impl Agent {
                     .to_string_lossy()
                     .into_owned()
             });
+        // Not configured *here* only: Pacemaker keeps the resource off
+        // this node and runs it on the nodes of the config.
         let node = config
             .node(&node_name)
-            .map_err(|e| (OcfStatus::ErrConfigured, e.to_string()))?
+            .map_err(|e| (OcfStatus::ErrInstalled, e.to_string()))?
             .clone();
         let attach_text = env("attach").unwrap_or_default();
         let attach = AttachMode::parse(&attach_text).ok_or_else(|| {

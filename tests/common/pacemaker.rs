@@ -427,10 +427,10 @@ impl PcmkCluster {
 
 impl Drop for PcmkCluster {
     fn drop(&mut self) {
-        let _ = Command::new(&self.script)
-            .arg("down")
-            .arg(self.dir.path())
-            .status();
+        let output = run(Command::new(&self.script).arg("down").arg(self.dir.path()));
+        if !output.status.success() {
+            eprintln!("pacemaker-cluster.sh down: {}", text(&output));
+        }
     }
 }
 
