@@ -501,3 +501,39 @@ fn pacemaker_recovers_a_daemon_that_died() {
     assert_eq!(cluster.read_files(&promoted, "before"), written);
     wait_resynced(&cluster, other(&promoted));
 }
+
+#[test]
+fn pacemaker_restarts_a_node_whose_disk_failed_once_it_is_replaced() {
+    let cluster = PcmkCluster::up_with_disks_on_tmpfs();
+    let primary = cluster.configure_clone();
+    cluster.configure_filesystem(&primary);
+    let copy = other(&primary);
+
+    // The copy's disk fills up: its next writes fail (ENOSPC), hablk
+    // detaches it, the monitor reports the instance failed.
+    cluster.resize_disk_fs(copy, "4M");
+    let m = cluster.mount_dir().display().to_string();
+    let written = cluster.sh(
+        &primary,
+        &format!("cd {m} && head -c 16M /dev/urandom > big && sync -f big && md5sum big"),
+    );
+    cluster.wait_mon(&primary, "the copy's monitor failure", |s| {
+        s.failures
+            .iter()
+            .any(|(op, node, _)| op.starts_with("vol_monitor") && node == copy)
+    });
+    // The Primary served on without it.
+    assert_eq!(
+        cluster.sh(&primary, &format!("cd {m} && md5sum big")),
+        written
+    );
+
+    // A disk with room again: Pacemaker's restart attaches it, and the
+    // resync brings it up to date.
+    cluster.resize_disk_fs(copy, "128M");
+    wait_resynced(&cluster, copy);
+    let state = cluster.wait_mon(&primary, "the copy Unpromoted again", |s| {
+        s.unpromoted().iter().any(|n| n == copy)
+    });
+    assert_eq!(state.promoted().as_deref(), Some(primary.as_str()));
+}

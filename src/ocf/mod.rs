@@ -90,16 +90,17 @@ fn start_score(status: &Status) -> Option<u32> {
 
 /// What `monitor` reports for a running daemon. `device_healthy` says
 /// whether the block device the Primary should have is attached and alive.
-pub fn monitor_verdict(status: &Status, device_healthy: bool) -> OcfStatus {
+/// A data node without its disk (failed, or detached after an I/O error)
+/// is reported failed, so Pacemaker restarts it, which attaches the disk
+/// again.
+pub fn monitor_verdict(status: &Status, is_data: bool, device_healthy: bool) -> OcfStatus {
+    let lost_disk = is_data && matches!(status.disk, DiskState::Failed | DiskState::Diskless);
     match status.role {
-        Role::Primary => {
-            if status.disk == DiskState::Failed || !status.quorum || !device_healthy {
-                OcfStatus::FailedPromoted
-            } else {
-                OcfStatus::RunningPromoted
-            }
+        Role::Primary if lost_disk || !status.quorum || !device_healthy => {
+            OcfStatus::FailedPromoted
         }
-        _ if status.disk == DiskState::Failed => OcfStatus::ErrGeneric,
+        Role::Primary => OcfStatus::RunningPromoted,
+        _ if lost_disk => OcfStatus::ErrGeneric,
         _ => OcfStatus::Success,
     }
 }
@@ -451,7 +452,7 @@ impl Agent {
             Ok(_) => true,
             Err((code, reason)) => return fail(code, &reason),
         };
-        let verdict = monitor_verdict(&status, device_healthy);
+        let verdict = monitor_verdict(&status, self.node.is_data(), device_healthy);
         match verdict {
             OcfStatus::FailedPromoted => fail(
                 verdict,
@@ -462,11 +463,18 @@ impl Agent {
                     } else if !status.quorum {
                         "without quorum".to_owned()
                     } else {
-                        format!("disk {}", status.disk)
+                        format!("disk {}: the backing disk failed", status.disk)
                     }
                 ),
             ),
-            OcfStatus::ErrGeneric => fail(verdict, &format!("disk {}", status.disk)),
+            OcfStatus::ErrGeneric => fail(
+                verdict,
+                &format!(
+                    "disk {}: the backing disk failed (see {})",
+                    status.disk,
+                    self.log.display()
+                ),
+            ),
             _ => verdict,
         }
     }
@@ -647,16 +655,40 @@ mod tests {
     fn monitor_reports_a_primary_that_cannot_serve_as_failed() {
         use DiskState::*;
         let primary = status(Role::Primary, UpToDate, true);
-        assert_eq!(monitor_verdict(&primary, true), OcfStatus::RunningPromoted);
-        assert_eq!(monitor_verdict(&primary, false), OcfStatus::FailedPromoted);
+        assert_eq!(
+            monitor_verdict(&primary, true, true),
+            OcfStatus::RunningPromoted
+        );
+        assert_eq!(
+            monitor_verdict(&primary, true, false),
+            OcfStatus::FailedPromoted
+        );
         let no_quorum = status(Role::Primary, UpToDate, false);
-        assert_eq!(monitor_verdict(&no_quorum, true), OcfStatus::FailedPromoted);
-        let failed = status(Role::Primary, Failed, true);
-        assert_eq!(monitor_verdict(&failed, true), OcfStatus::FailedPromoted);
-        let secondary = status(Role::Secondary, Outdated, false);
-        assert_eq!(monitor_verdict(&secondary, true), OcfStatus::Success);
-        let broken = status(Role::Secondary, Failed, true);
-        assert_eq!(monitor_verdict(&broken, true), OcfStatus::ErrGeneric);
+        assert_eq!(
+            monitor_verdict(&no_quorum, true, true),
+            OcfStatus::FailedPromoted
+        );
+        for disk in [Failed, Diskless] {
+            let without_disk = status(Role::Primary, disk, true);
+            assert_eq!(
+                monitor_verdict(&without_disk, true, true),
+                OcfStatus::FailedPromoted
+            );
+        }
+    }
+
+    #[test]
+    fn monitor_reports_a_data_node_that_lost_its_disk_as_failed() {
+        use DiskState::*;
+        let outdated = status(Role::Secondary, Outdated, false);
+        assert_eq!(monitor_verdict(&outdated, true, true), OcfStatus::Success);
+        for disk in [Failed, Diskless] {
+            let broken = status(Role::Secondary, disk, true);
+            assert_eq!(monitor_verdict(&broken, true, true), OcfStatus::ErrGeneric);
+        }
+        // A witness has no disk to lose.
+        let witness = status(Role::Secondary, Diskless, true);
+        assert_eq!(monitor_verdict(&witness, false, true), OcfStatus::Success);
     }
 
     #[test]

@@ -123,6 +123,17 @@ impl PcmkCluster {
     /// writes the resource's config and metadata (nothing configured in
     /// Pacemaker yet).
     pub fn up() -> PcmkCluster {
+        PcmkCluster::launch(false)
+    }
+
+    /// [`PcmkCluster::up`] with each data node's disk alone on a tmpfs of
+    /// its own, which [`PcmkCluster::resize_disk_fs`] shrinks (the disk
+    /// fails: writes get ENOSPC) or grows (a replaced disk).
+    pub fn up_with_disks_on_tmpfs() -> PcmkCluster {
+        PcmkCluster::launch(true)
+    }
+
+    fn launch(disks_on_tmpfs: bool) -> PcmkCluster {
         let dir = tempfile::tempdir().unwrap();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pacemaker-cluster.sh");
         let cluster = PcmkCluster {
@@ -130,6 +141,17 @@ impl PcmkCluster {
             dir,
             script,
         };
+        // Before the nodes start: they see the host's mounts as they were.
+        for node in ["alpha", "beta"] {
+            let disk_dir = cluster.disk_dir(node);
+            std::fs::create_dir_all(&disk_dir).unwrap();
+            if disks_on_tmpfs {
+                let output = run(Command::new("mount")
+                    .args(["-t", "tmpfs", "-o", "size=128M", "tmpfs"])
+                    .arg(&disk_dir));
+                assert!(output.status.success(), "tmpfs: {}", text(&output));
+            }
+        }
         let output = run(Command::new(&cluster.script)
             .arg("up")
             .arg(cluster.dir.path())
@@ -146,7 +168,7 @@ impl PcmkCluster {
             if *node == "witness" {
                 config.push_str(&format!("meta = \"{d}/witness/witness.meta\"\n"));
             } else {
-                let disk = cluster.dir.path().join(node).join("disk.img");
+                let disk = cluster.disk_dir(node).join("disk.img");
                 std::fs::File::create(&disk)
                     .unwrap()
                     .set_len(DISK_BYTES)
@@ -163,6 +185,20 @@ impl PcmkCluster {
         }
         std::fs::create_dir_all(cluster.mount_dir()).unwrap();
         cluster
+    }
+
+    /// Where a data node's disk lives.
+    pub fn disk_dir(&self, node: &str) -> PathBuf {
+        self.dir.path().join("disks").join(node)
+    }
+
+    /// Resizes the tmpfs under a data node's disk
+    /// ([`PcmkCluster::up_with_disks_on_tmpfs`]).
+    pub fn resize_disk_fs(&self, node: &str, size: &str) {
+        let output = run(Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(self.disk_dir(node)));
+        assert!(output.status.success(), "remount: {}", text(&output));
     }
 
     /// Where the Filesystem resource mounts r0 (on whichever node).
@@ -430,6 +466,9 @@ impl Drop for PcmkCluster {
         let output = run(Command::new(&self.script).arg("down").arg(self.dir.path()));
         if !output.status.success() {
             eprintln!("pacemaker-cluster.sh down: {}", text(&output));
+        }
+        for node in ["alpha", "beta"] {
+            let _ = run(Command::new("umount").arg("-l").arg(self.disk_dir(node)));
         }
     }
 }
