@@ -121,6 +121,11 @@ pub enum SyncMode {
 
 /// Every message between peers. Bulk data travels in the frame's payload;
 /// the comment on a variant says what the payload holds.
+///
+/// postcard encodes a variant (here, and of `Role`, `DiskState`,
+/// `SyncMode`) by its position: add new variants at the end only. The
+/// bytes of every message are pinned by `encodings_are_pinned`, so a
+/// reorder or a changed field fails the tests instead of the wire.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
     /// First message both ways.
@@ -498,13 +503,13 @@ mod tests {
         }
     }
 
-    #[test]
-    fn every_message_round_trips() {
+    /// One of every message.
+    fn every_message() -> Vec<Message> {
         let lineage = WireLineage {
             current: 9,
             history: vec![1],
         };
-        let messages = vec![
+        vec![
             Message::Hello {
                 version: 1,
                 digest: [3; 32],
@@ -609,10 +614,164 @@ mod tests {
                 report: report(),
                 lease_wait_ms: 250,
             },
-        ];
-        for message in messages {
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for message in every_message() {
             round_trip(message.clone(), b"");
             round_trip(message, &[0xAB; 5000]);
+        }
+    }
+
+    /// The tag each message carries on the wire (postcard writes a
+    /// variant's position). A new variant must get the next free tag here
+    /// before it compiles; moving one changes its tag and fails
+    /// `encodings_are_pinned`.
+    fn stable_tag(message: &Message) -> u8 {
+        match message {
+            Message::Hello { .. } => 0,
+            Message::Auth { .. } => 1,
+            Message::Refuse { .. } => 2,
+            Message::Welcome => 3,
+            Message::Report(_) => 4,
+            Message::Ping { .. } => 5,
+            Message::Pong { .. } => 6,
+            Message::Bitmap { .. } => 7,
+            Message::BitmapDone => 8,
+            Message::Write { .. } => 9,
+            Message::Zeroes { .. } => 10,
+            Message::WriteAck { .. } => 11,
+            Message::Barrier { .. } => 12,
+            Message::BarrierAck { .. } => 13,
+            Message::SyncBegin { .. } => 14,
+            Message::SyncRefuse { .. } => 15,
+            Message::SyncData { .. } => 16,
+            Message::SyncZeroes { .. } => 17,
+            Message::SyncHashes { .. } => 18,
+            Message::SyncNeed { .. } => 19,
+            Message::SyncAck { .. } => 20,
+            Message::SyncEnd { .. } => 21,
+            Message::VerifyHashes { .. } => 22,
+            Message::VerifyResult { .. } => 23,
+            Message::NewGeneration { .. } => 24,
+            Message::GenerationRecorded { .. } => 25,
+            Message::SkipSync { .. } => 26,
+            Message::SkipSyncDone { .. } => 27,
+            Message::Leaving => 28,
+            Message::SplitBrain => 29,
+            Message::PromoteQuery { .. } => 30,
+            Message::PromoteReply { .. } => 31,
+        }
+    }
+
+    fn role_tag(role: Role) -> u8 {
+        match role {
+            Role::Primary => 0,
+            Role::Secondary => 1,
+            Role::Unknown => 2,
+        }
+    }
+
+    fn disk_tag(disk: DiskState) -> u8 {
+        match disk {
+            DiskState::Diskless => 0,
+            DiskState::Attaching => 1,
+            DiskState::Inconsistent => 2,
+            DiskState::Outdated => 3,
+            DiskState::Consistent => 4,
+            DiskState::UpToDate => 5,
+            DiskState::Failed => 6,
+            DiskState::DUnknown => 7,
+        }
+    }
+
+    fn sync_mode_tag(mode: SyncMode) -> u8 {
+        match mode {
+            SyncMode::Bitmap => 0,
+            SyncMode::Hash => 1,
+        }
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The header bytes of every message, as peers of this protocol
+    /// version send them. A change here is a wire change: it needs a new
+    /// `ProtocolVersion`.
+    const PINNED: [&str; 32] = [
+        "000103030303030303030303030303030303030303030303030303030303030303030272300404626574610909090909090909090909090909090909090909090909090909090909090909",
+        "010101010101010101010101010101010101010101010101010101010101010101",
+        "02026e6f",
+        "03",
+        "0400050702030007808080800480808080080102010102020100010101",
+        "0501",
+        "060101",
+        "074d",
+        "08",
+        "0901028020010501",
+        "0a01020080804001000300",
+        "0b0501",
+        "0c03",
+        "0d0300",
+        "0e0163",
+        "0f057374616c65",
+        "108040",
+        "11008020",
+        "120002",
+        "130002",
+        "14008040",
+        "15090101",
+        "160001",
+        "170001",
+        "180901010401",
+        "1904010109",
+        "1a0501",
+        "1b0101",
+        "1c",
+        "1d",
+        "1e03",
+        "1f0300050702030007808080800480808080080102010102020100010101fa01",
+    ];
+
+    #[test]
+    fn encodings_are_pinned() {
+        let messages = every_message();
+        let tags: Vec<u8> = messages.iter().map(stable_tag).collect();
+        assert_eq!(
+            tags,
+            (0..32).collect::<Vec<u8>>(),
+            "one message per tag, in order"
+        );
+        for (message, pinned) in messages.iter().zip(PINNED) {
+            let bytes = postcard::to_stdvec(message).unwrap();
+            assert_eq!(bytes[0], stable_tag(message), "{}", message.name());
+            assert_eq!(
+                hex(&bytes),
+                pinned,
+                "{} changed on the wire",
+                message.name()
+            );
+        }
+        for role in [Role::Primary, Role::Secondary, Role::Unknown] {
+            assert_eq!(postcard::to_stdvec(&role).unwrap(), [role_tag(role)]);
+        }
+        for disk in [
+            DiskState::Diskless,
+            DiskState::Attaching,
+            DiskState::Inconsistent,
+            DiskState::Outdated,
+            DiskState::Consistent,
+            DiskState::UpToDate,
+            DiskState::Failed,
+            DiskState::DUnknown,
+        ] {
+            assert_eq!(postcard::to_stdvec(&disk).unwrap(), [disk_tag(disk)]);
+        }
+        for mode in [SyncMode::Bitmap, SyncMode::Hash] {
+            assert_eq!(postcard::to_stdvec(&mode).unwrap(), [sync_mode_tag(mode)]);
         }
     }
 
