@@ -96,6 +96,7 @@ pub fn up(target: &Target) -> ExitCode {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
+    stop_on_broken_invariant();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("hablk")
@@ -115,6 +116,18 @@ pub fn up(target: &Target) -> ExitCode {
             ExitCode::Failed
         }
     }
+}
+
+/// A failed invariant check (an `assert!` guarding data) stops the whole
+/// daemon at once, with one log line saying where: a crash is a state hablk
+/// recovers from (the activity log and generations cover it), a node going
+/// on with a broken invariant is not. Without this hook only the task that
+/// panicked would end, and the rest would carry on around it.
+fn stop_on_broken_invariant() {
+    std::panic::set_hook(Box::new(|info| {
+        tracing::error!("stopping to protect the data: an internal check failed ({info}); a restart recovers as after a crash");
+        std::process::abort();
+    }));
 }
 
 fn connect(target: &Target) -> Result<(ControlClient, Config, String), ExitCode> {

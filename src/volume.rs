@@ -366,7 +366,7 @@ impl Volume {
         for link in failed {
             link.loss_handled().await;
         }
-        debug_assert!(fanout.sent_to & (1 << self.me) != 0);
+        assert!(fanout.sent_to & (1 << self.me) != 0);
     }
 
     pub async fn read(&self, offset: u64, len: u32) -> Result<BytesMut, VolumeError> {

@@ -85,7 +85,7 @@ impl Lineage {
 
     /// Moves to `next`, pushing the current id into the history.
     pub fn advance(&mut self, next: Generation) {
-        debug_assert_ne!(next, self.current, "a new generation must differ");
+        assert_ne!(next, self.current, "a new generation must differ");
         self.history.insert(0, self.current);
         self.history.truncate(MAX_GENERATION_HISTORY);
         self.current = next;

@@ -173,7 +173,7 @@ impl AlTable {
     pub fn unpin(&mut self, extents: Range<u32>) {
         for extent in extents {
             if let Some(&slot) = self.slot_of.get(&extent) {
-                debug_assert!(self.pins[slot] > 0, "unpin of an unpinned extent");
+                assert!(self.pins[slot] > 0, "unpin of an unpinned extent");
                 self.pins[slot] = self.pins[slot].saturating_sub(1);
             }
         }
@@ -208,7 +208,7 @@ impl AlTable {
     /// transaction block and its ring index to write.
     pub fn commit(&mut self, plan: &Plan, extents: Range<u32>, instance: u64) -> (u64, Vec<u8>) {
         for &(slot, extent, evicted) in &plan.moves {
-            debug_assert_eq!(self.pins[slot], 0, "evicting a pinned extent");
+            assert_eq!(self.pins[slot], 0, "evicting a pinned extent");
             if let Some(old) = evicted {
                 self.slot_of.remove(&old);
             }
@@ -216,7 +216,7 @@ impl AlTable {
             self.slot_of.insert(extent, slot);
         }
         let pinned = self.pin_if_present(extents);
-        debug_assert!(pinned, "every extent is present after commit");
+        assert!(pinned, "every extent is present after commit");
         let updates: Vec<(usize, u32)> = plan.moves.iter().map(|m| (m.0, m.1)).collect();
         self.transaction(&updates, instance)
     }
@@ -240,7 +240,7 @@ impl AlTable {
     }
 
     fn transaction(&mut self, updates: &[(usize, u32)], instance: u64) -> (u64, Vec<u8>) {
-        debug_assert!(updates.len() <= AL_UPDATES_PER_TX);
+        assert!(updates.len() <= AL_UPDATES_PER_TX);
         let seq = self.next_seq;
         self.next_seq += 1;
         let context_start = self.context_cursor;

@@ -108,7 +108,7 @@ impl DirtyBitmap {
         } else {
             self.set -= changed;
         }
-        debug_assert!(self.set <= self.blocks);
+        assert!(self.set <= self.blocks);
         changed
     }
 

@@ -132,13 +132,13 @@ impl Layout {
 
     /// Offset of one superblock copy.
     pub fn superblock_copy_offset(&self, copy: u64) -> u64 {
-        debug_assert!(copy < SUPERBLOCK_COPIES);
+        assert!(copy < SUPERBLOCK_COPIES);
         self.superblock_offset + copy * META_BLOCK_BYTES
     }
 
     /// Offset of a bitmap slot's first page.
     pub fn bitmap_slot_offset(&self, slot: u8) -> u64 {
-        debug_assert!(slot < self.max_peers);
+        assert!(slot < self.max_peers);
         self.bitmap_offset + u64::from(slot) * self.bitmap_bytes_per_slot
     }
 }

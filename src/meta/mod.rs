@@ -403,7 +403,7 @@ impl MetaStore {
         let previous = self.superblock.clone();
         change(&mut self.superblock);
         self.superblock.seq = previous.seq + 1;
-        debug_assert_eq!(
+        assert_eq!(
             self.superblock.layout, previous.layout,
             "layout is fixed at create-md"
         );

@@ -155,7 +155,7 @@ impl Writer {
         self.buf.extend_from_slice(&v.to_le_bytes());
     }
     fn name(&mut self, s: &str) {
-        debug_assert!(s.len() <= MAX_NAME_LEN);
+        assert!(s.len() <= MAX_NAME_LEN);
         self.u8(s.len() as u8);
         self.buf.extend_from_slice(s.as_bytes());
     }
@@ -250,20 +250,20 @@ impl Superblock {
         }
         w.u32(flags);
         w.u64(self.lineage.current.0);
-        debug_assert!(self.lineage.history.len() <= MAX_GENERATION_HISTORY);
+        assert!(self.lineage.history.len() <= MAX_GENERATION_HISTORY);
         w.u16(self.lineage.history.len() as u16);
         for g in &self.lineage.history {
             w.u64(g.0);
         }
         w.u64(self.known.0);
-        debug_assert_eq!(self.peer_slots.len(), usize::from(l.max_peers));
+        assert_eq!(self.peer_slots.len(), usize::from(l.max_peers));
         for slot in &self.peer_slots {
             w.u8(slot.node_id.unwrap_or(u8::MAX));
             w.u8(u8::from(slot.tracking.is_some()));
             w.u64(slot.tracking.map_or(0, |g| g.0));
         }
         w.u32(self.al_extents);
-        debug_assert!(w.buf.len() <= BLOCK, "superblock overflows its block");
+        assert!(w.buf.len() <= BLOCK, "superblock overflows its block");
         w.buf.resize(BLOCK, 0);
         let crc = crc32c::crc32c(&w.buf);
         w.buf[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_le_bytes());

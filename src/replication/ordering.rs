@@ -66,7 +66,7 @@ impl Ticket<'_> {
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
         let removed = lock(&self.ordering.state).in_flight.remove(&self.seq);
-        debug_assert!(removed.is_some(), "ticket released twice");
+        assert!(removed.is_some(), "ticket released twice");
         if let Some(entry) = removed {
             entry.done.cancel();
         }

@@ -151,7 +151,7 @@ pub fn run_blocking(file: &File, op: IoOp) -> io::Result<IoDone> {
             len,
             mut buf,
         } => {
-            debug_assert_eq!(buf.len(), len);
+            assert_eq!(buf.len(), len);
             file.read_exact_at(&mut buf[..len], offset)?;
             Ok(IoDone::Read(buf))
         }
@@ -445,7 +445,7 @@ impl Storage {
             runs.push((data_end - pos, false));
             pos = data_end;
         }
-        debug_assert_eq!(runs.iter().map(|r| r.0).sum::<u64>(), len);
+        assert_eq!(runs.iter().map(|r| r.0).sum::<u64>(), len);
         Ok(runs)
     }
 }

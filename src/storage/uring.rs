@@ -156,14 +156,14 @@ impl Pending {
         let fd = types::Fd(fd);
         match &mut self.op {
             IoOp::Read { offset, len, buf } => {
-                debug_assert!(self.progress < *len);
+                assert!(self.progress < *len);
                 let rest = &mut buf[self.progress..*len];
                 opcode::Read::new(fd, rest.as_mut_ptr(), rest.len() as u32)
                     .offset(*offset + self.progress as u64)
                     .build()
             }
             IoOp::Write { offset, data, fua } => {
-                debug_assert!(self.progress < data.len());
+                assert!(self.progress < data.len());
                 let rest = &data[self.progress..];
                 let flags = if *fua { libc::RWF_DSYNC } else { 0 };
                 opcode::Write::new(fd, rest.as_ptr(), rest.len() as u32)
