@@ -405,23 +405,35 @@ impl Volume {
     }
 
     /// Makes every acknowledged write durable here and on every peer.
+    ///
+    /// A peer that cannot confirm the flush may not hold the flushed writes
+    /// durably: like a peer that failed a write (rule A), it is dropped and
+    /// the flush is acknowledged only once the cluster core has dealt with
+    /// its loss, so it can never be promoted as if it had them.
     pub async fn flush(&self) -> Result<(), VolumeError> {
         self.admit().await?;
         let epoch = self.ordering.next_epoch();
-        let barriers: Vec<(u8, AckReceiver)> = self
-            .targets
-            .load()
-            .iter()
-            .filter_map(|link| link.barrier(epoch).map(|ack| (link.peer, ack)))
-            .collect();
+        let mut failed = Vec::new();
+        let mut barriers = Vec::new();
+        for link in self.targets.load().iter() {
+            match link.barrier(epoch) {
+                Some(ack) => barriers.push((link.clone(), ack)),
+                None => failed.push(link.clone()),
+            }
+        }
         self.storage.flush().await?;
-        for (peer, ack) in barriers {
+        for (link, ack) in barriers {
             if !matches!(ack.await, Ok(true)) {
                 tracing::warn!(
-                    peer,
-                    "peer could not confirm a flush; it resyncs on reconnect"
+                    peer = %link.name,
+                    "peer could not confirm a flush; dropping it until it resyncs"
                 );
+                link.close(format!("{} could not confirm a flush", link.name));
+                failed.push(link);
             }
+        }
+        for link in failed {
+            link.loss_handled().await;
         }
         self.settle().await
     }
@@ -515,5 +527,97 @@ impl Volume {
     /// whatever the gate says).
     pub async fn flush_all(&self) -> io::Result<()> {
         self.storage.flush().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::config::IoEngineKind;
+    use crate::meta::MetaStore;
+    use std::time::Duration;
+
+    /// A Primary's volume on a temp disk with one peer `beta` (id 1)
+    /// receiving every write through `link`.
+    fn volume_with_peer(
+        dir: &std::path::Path,
+    ) -> (
+        Volume,
+        Arc<PeerLink>,
+        tokio::sync::mpsc::UnboundedReceiver<crate::replication::link::Outgoing>,
+    ) {
+        let disk = dir.join("alpha.img");
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(8 << 20)
+            .unwrap();
+        let text = format!(
+            "[resource]\nname = \"r0\"\n\n[[node]]\nname = \"alpha\"\nid = 0\naddress = \"127.0.0.1:7789\"\n\
+             nbd = \"127.0.0.1:10809\"\ndisk = \"{}\"\n\n[[node]]\nname = \"beta\"\nid = 1\n\
+             address = \"127.0.0.2:7789\"\nnbd = \"127.0.0.2:10809\"\ndisk = \"{}\"\n",
+            disk.display(),
+            dir.join("beta.img").display()
+        );
+        let config = Config::parse(&dir.join("r0.toml"), &text).unwrap();
+        let store = MetaStore::create(&config, config.node("alpha").unwrap(), false).unwrap();
+        let superblock = store.superblock().clone();
+        let tracker = Tracker::open(store.path().to_owned(), &superblock).unwrap();
+        let data_bytes = superblock.layout.data_capacity_bytes;
+        let storage =
+            Arc::new(Storage::open(&disk, IoEngineKind::Threads, false, data_bytes).unwrap());
+        let volume = Volume::new(
+            VolumeParts {
+                resource: "r0".into(),
+                me: 0,
+                protocol: Protocol::C,
+                data_nodes: 0b11,
+                storage,
+                tracker,
+                lease: Arc::new(Lease::new(Duration::from_secs(1))),
+            },
+            Gate::Open {
+                size_bytes: data_bytes,
+            },
+        );
+        let (link, outbox) = PeerLink::new(1, "beta".into());
+        let link = Arc::new(link);
+        volume.set_targets(vec![link.clone()], true);
+        (volume, link, outbox)
+    }
+
+    /// Rule A for FLUSH as for writes: a peer that could not make the
+    /// flushed writes durable must be dealt with by the cluster core (a new
+    /// generation, so it cannot be promoted as if it had them) before the
+    /// client hears that its data is safe.
+    #[tokio::test]
+    async fn a_flush_a_peer_failed_waits_until_the_loss_is_handled() {
+        let dir = tempfile::tempdir().unwrap();
+        let (volume, link, mut outbox) = volume_with_peer(dir.path());
+        let volume = Arc::new(volume);
+        let flush = tokio::spawn({
+            let volume = volume.clone();
+            async move { volume.flush().await }
+        });
+        let epoch = loop {
+            let sent = outbox.recv().await.unwrap();
+            if let Message::Barrier { epoch } = sent.message {
+                break epoch;
+            }
+        };
+        link.barrier_acked(epoch, false);
+        let mut flush = flush;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut flush)
+                .await
+                .is_err(),
+            "FLUSH acknowledged before the peer's loss was handled"
+        );
+        assert!(
+            link.is_closed(),
+            "the peer that failed the barrier is dropped"
+        );
+        link.mark_loss_handled();
+        flush.await.unwrap().unwrap();
     }
 }
