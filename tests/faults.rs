@@ -67,3 +67,51 @@ fn corrupted_frames_drop_the_connection_and_write_nothing_bad() {
         "no damaged byte was written and everything was resynced"
     );
 }
+
+/// A node that becomes a resync target first records its disk as
+/// Inconsistent, so that a crash mid-resync never leaves half-overwritten
+/// data recorded as current. If that superblock write fails, the node takes
+/// no block: its disk counts as failed (Diskless), the source is refused,
+/// and after a restart with a working disk it resyncs and ends identical.
+#[test]
+fn a_sync_target_that_cannot_record_inconsistent_takes_no_data() {
+    isolate_network();
+    let nodes = vec![
+        NodeSpec::data("alpha", 0, DISK),
+        NodeSpec::data("beta", 1, DISK),
+    ];
+    let mut cluster = Cluster::new(nodes, "ping-timeout = \"1s\"\nquorum = \"off\"");
+    cluster.up("alpha");
+    cluster.up("beta");
+    wait_all_connected(&cluster, "alpha");
+    run_ok(cluster.hablk("alpha").arg("skip-initial-sync"));
+    run_ok(cluster.hablk("alpha").arg("primary"));
+    let size = cluster.status("alpha")["size_bytes"].as_u64().unwrap();
+    cluster.kill("beta");
+    let uri = cluster.nbd_uri("alpha");
+    run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x5a 1M 4M", &uri]));
+    let beta_before = cluster.data_md5("beta", size);
+
+    cluster.up_with_env(
+        "beta",
+        &[("FAILPOINTS", "sync-target-persist-fails=return")],
+    );
+    cluster.wait_status("beta", "beta's disk given up", |s| s["disk"] == "Diskless");
+    wait_log(&cluster, "beta", "cannot record its disk as Inconsistent");
+    let alpha = cluster.status("alpha");
+    assert_eq!(alpha["role"], "Primary", "{alpha}");
+    assert_eq!(alpha["disk"], "UpToDate", "{alpha}");
+    assert_eq!(
+        cluster.data_md5("beta", size),
+        beta_before,
+        "beta took resync data"
+    );
+
+    // A working disk again: the resync goes through.
+    cluster.kill("beta");
+    cluster.up("beta");
+    cluster.wait_status("beta", "beta resynced", |s| {
+        s["disk"] == "UpToDate" && s["peers"][0]["replication"] == "Established"
+    });
+    assert_in_sync(&cluster, "alpha", "beta");
+}

@@ -32,7 +32,7 @@ use crate::config::Node;
 use crate::control::protocol::{PeerStatus, Request, Response, SyncStatus};
 use crate::control::server::CoreReply;
 use crate::meta::bitmap::DirtyBitmap;
-use crate::meta::superblock::StoredDisk;
+use crate::meta::superblock::{StoredDisk, Superblock};
 use crate::meta::tracker::Tracker;
 use crate::replication::connector::{Established, Wanted};
 use crate::replication::link::PeerLink;
@@ -458,8 +458,25 @@ impl Core {
             "backing disk failed: detaching (on-io-error = detach); this node goes Diskless"
         );
         self.disk = DiskState::Diskless;
-        let _ = self.meta.update(|sb| sb.disk = StoredDisk::Inconsistent);
+        if let Err(error) = self.meta.update(|sb| sb.disk = StoredDisk::Inconsistent) {
+            // The disk is gone either way; after a restart its stale
+            // generation shows it as behind.
+            tracing::error!(%error, "could not record the failed disk in the superblock either");
+        }
         self.send_reports();
+    }
+
+    /// Writes a superblock change. A write that fails is a disk failure
+    /// (`on-io-error`): the node goes Diskless and the caller must not go on
+    /// as if the change were durable (`false`).
+    pub(super) fn persist(&mut self, what: &str, change: impl FnOnce(&mut Superblock)) -> bool {
+        match self.meta.update(change) {
+            Ok(()) => true,
+            Err(error) => {
+                self.disk_failed(&format!("recording {what} in the superblock: {error}"));
+                false
+            }
+        }
     }
 
     fn peer_frame(&mut self, peer: u8, frame: Frame) {
@@ -703,7 +720,7 @@ impl Core {
             } else {
                 StoredDisk::UpToDate
             };
-            let _ = self.meta.update(|sb| sb.disk = stored);
+            self.persist("the resolved disk state", |sb| sb.disk = stored);
         } else if self.disk == DiskState::Consistent
             && self.me.is_data()
             && !peer_is_data
@@ -727,7 +744,7 @@ impl Core {
                 StoredDisk::UpToDate
             };
             tracing::info!(witness = %name, %known, disk = %self.disk, "disk state resolved with a quorum");
-            let _ = self.meta.update(|sb| sb.disk = stored);
+            self.persist("the resolved disk state", |sb| sb.disk = stored);
         }
         if matches!(report.disk, DiskState::Diskless | DiskState::Failed) && peer_is_data {
             let was_target = self.peers.get(&peer).is_some_and(|p| p.receives_writes);
@@ -1072,6 +1089,23 @@ impl Core {
                 tracker.with_bitmap(peer, |b| b.merge_words(first_word, &words));
             }
         }
+        let union = tracker.dirty_bytes(peer);
+        let overwritten = mode == SyncMode::Hash || union > 0;
+        // Durable before the source may send a block: a crash mid-resync
+        // must leave a disk recorded Inconsistent, never one recorded as
+        // current with half of it overwritten.
+        if overwritten && !self.persist_sync_target() {
+            let reason = format!(
+                "{} cannot record its disk as Inconsistent, so it takes no resync data",
+                self.me.name
+            );
+            tracing::error!(peer = %self.peer_name(peer), "{reason}");
+            link.send(Message::SyncRefuse { reason }, Bytes::new());
+            return;
+        }
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
         let chunks = tracker
             .with_bitmap(peer, |b| b.set_word_chunks(BITMAP_WORDS_PER_FRAME))
             .unwrap_or_default();
@@ -1080,7 +1114,6 @@ impl Core {
             link.send(Message::Bitmap { first_word }, Bytes::from(payload));
         }
         link.send(Message::BitmapDone, Bytes::new());
-        let union = tracker.dirty_bytes(peer);
         state.replication = ReplicationState::SyncTarget;
         state.sync = Some(SyncRun {
             source: false,
@@ -1092,12 +1125,27 @@ impl Core {
             generation,
         });
         let name = state.node.name.clone();
-        if mode == SyncMode::Hash || union > 0 {
+        if overwritten {
             tracing::info!(peer = %name, ?mode, out_of_sync_bytes = union, "resync: this node is the target");
             self.disk = DiskState::Inconsistent;
-            let _ = self.meta.update(|sb| sb.disk = StoredDisk::Inconsistent);
             self.send_reports();
         }
+    }
+
+    /// Records the disk as Inconsistent before a resync overwrites it.
+    fn persist_sync_target(&mut self) -> bool {
+        // Fault point (`failpoints` feature, tests only): the write fails.
+        let injected = (|| {
+            fail::fail_point!("sync-target-persist-fails", |_| true);
+            false
+        })();
+        if injected {
+            self.disk_failed("recording Inconsistent in the superblock: injected fault");
+            return false;
+        }
+        self.persist("Inconsistent (resync target)", |sb| {
+            sb.disk = StoredDisk::Inconsistent
+        })
     }
 
     /// We are the source and both hold the union: start streaming.

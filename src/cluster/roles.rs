@@ -612,7 +612,7 @@ impl Core {
         );
         let failed = change.generation;
         let previous = change.previous.clone();
-        let _ = self.meta.update(|sb| {
+        self.persist("the return to the previous generation", |sb| {
             let mut lineage = previous.clone();
             lineage.history.insert(0, failed);
             lineage
