@@ -528,9 +528,12 @@ fn pacemaker_restarts_a_node_whose_disk_failed_once_it_is_replaced() {
         written
     );
 
-    // A disk with room again: Pacemaker's restart attaches it, and the
-    // resync brings it up to date.
+    // A disk with room again. Pacemaker's restart may have come first and
+    // failed (a start failure keeps the instance off the node until
+    // cleaned up), so the operator cleans up, as after any replaced disk:
+    // the restart attaches the disk and the resync brings it up to date.
     cluster.resize_disk_fs(copy, "128M");
+    cluster.exec_ok(&primary, &["crm", "resource", "cleanup", "vol-clone"]);
     wait_resynced(&cluster, copy);
     let state = cluster.wait_mon(&primary, "the copy Unpromoted again", |s| {
         s.unpromoted().iter().any(|n| n == copy)
