@@ -589,22 +589,15 @@ impl Core {
     fn refuse_peer(&mut self, peer: u8, reason: String) {
         tracing::error!(peer = %self.peer_name(peer), reason = %reason, "peer refused");
         if let Some(state) = self.peers.get_mut(&peer) {
+            state.standalone = Some(reason.clone());
+            state.set_wanted(Wanted::Off);
             if let Some(link) = &state.link {
-                link.send(
+                link.send_and_close(
                     Message::Refuse {
                         reason: reason.clone(),
                     },
-                    Bytes::new(),
+                    reason,
                 );
-            }
-            state.standalone = Some(reason.clone());
-            state.set_wanted(Wanted::Off);
-            if let Some(link) = state.link.clone() {
-                // Let the Refuse leave before the close.
-                tokio::spawn(async move {
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    link.close(reason);
-                });
             }
         }
     }
@@ -923,12 +916,7 @@ impl Core {
             state.set_wanted(Wanted::Off);
             if let Some(link) = state.link.clone() {
                 if tell_peer {
-                    link.send(Message::SplitBrain, Bytes::new());
-                    // Let the notice leave before the close.
-                    tokio::spawn(async move {
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                        link.close("split-brain detected");
-                    });
+                    link.send_and_close(Message::SplitBrain, "split-brain detected");
                 } else {
                     link.close("split-brain detected by the peer");
                 }

@@ -31,6 +31,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct Outgoing {
     pub message: Message,
     pub payload: Bytes,
+    /// Close the link, for this reason, once this frame is on the wire.
+    pub close_after: Option<String>,
 }
 
 /// A peer's acknowledgement of one write: `true` = done there.
@@ -130,7 +132,34 @@ impl PeerLink {
 
     /// Queues a frame; `false` if the link is closed.
     pub fn send(&self, message: Message, payload: Bytes) -> bool {
-        !self.is_closed() && self.outbox.send(Outgoing { message, payload }).is_ok()
+        !self.is_closed()
+            && self
+                .outbox
+                .send(Outgoing {
+                    message,
+                    payload,
+                    close_after: None,
+                })
+                .is_ok()
+    }
+
+    /// Queues a last frame (a refusal, a split-brain notice) and closes the
+    /// link once the session has written it, so the peer reads why before
+    /// the connection drops. Closes at once if the frame cannot be queued.
+    pub fn send_and_close(&self, message: Message, reason: impl Into<String>) {
+        let reason = reason.into();
+        let queued = !self.is_closed()
+            && self
+                .outbox
+                .send(Outgoing {
+                    message,
+                    payload: Bytes::new(),
+                    close_after: Some(reason.clone()),
+                })
+                .is_ok();
+        if !queued {
+            self.close(reason);
+        }
     }
 
     /// Queues a replicated write and returns the acknowledgement to await,
@@ -279,6 +308,25 @@ mod tests {
             sent_to: 3,
             complete_below: 0,
         }
+    }
+
+    #[test]
+    fn a_last_frame_goes_out_before_the_link_closes() {
+        let (link, mut queue) = PeerLink::new(1, "beta".into());
+        link.send(Message::Ping { id: 1 }, Bytes::new());
+        link.send_and_close(Message::SplitBrain, "split-brain detected");
+        // Still open: the session closes it once the frame is written.
+        assert!(!link.is_closed());
+        let first = queue.try_recv().unwrap();
+        assert_eq!(first.close_after, None);
+        let last = queue.try_recv().unwrap();
+        assert_eq!(last.message, Message::SplitBrain);
+        assert_eq!(last.close_after.as_deref(), Some("split-brain detected"));
+        // On a link already gone there is nothing to send: it stays closed
+        // with its first reason.
+        link.close("lost");
+        link.send_and_close(Message::SplitBrain, "later");
+        assert_eq!(link.close_reason().as_deref(), Some("lost"));
     }
 
     #[test]

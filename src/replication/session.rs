@@ -521,6 +521,7 @@ pub async fn run(
         unflushed: Vec::new(),
         flushing: None,
         unconfirmed: Unconfirmed::default(),
+        closing: None,
         sync_jobs: 0,
         sync_job_ids: std::collections::HashSet::new(),
     };
@@ -580,6 +581,8 @@ struct Session {
     unflushed: Vec<DurableReply>,
     flushing: Option<(FlushFuture, Vec<DurableReply>)>,
     unconfirmed: Unconfirmed,
+    /// A last frame was queued: close once it is written, with this reason.
+    closing: Option<String>,
     /// Resync jobs (data, zeroes, hashes) not finished yet.
     sync_jobs: usize,
     /// Ids of those jobs.
@@ -631,11 +634,15 @@ impl Session {
                 }
                 progressed = true;
             }
-            // Frames queued by the node.
-            while let Poll::Ready(Some(outgoing)) = self.outbox.poll_recv(cx) {
+            // Frames queued by the node; nothing after a last frame.
+            while self.closing.is_none() {
+                let Poll::Ready(Some(outgoing)) = self.outbox.poll_recv(cx) else {
+                    break;
+                };
                 if let Err(e) = self.out.push(&outgoing.message, outgoing.payload) {
                     return Poll::Ready(format!("cannot encode {}: {e}", outgoing.message.name()));
                 }
+                self.closing = outgoing.close_after;
                 progressed = true;
             }
             // Finished jobs.
@@ -709,6 +716,12 @@ impl Session {
                     Poll::Ready(Ok(_)) => progressed = true,
                     Poll::Ready(Err(e)) => return Poll::Ready(format!("connection lost: {e}")),
                     Poll::Pending => break,
+                }
+            }
+            // The last frame is written: now the link may close.
+            if !self.out.has_remaining() {
+                if let Some(reason) = self.closing.take() {
+                    return Poll::Ready(reason);
                 }
             }
             // Read in.
