@@ -1122,12 +1122,7 @@ impl Core {
 
     /// Records the disk as Inconsistent before a resync overwrites it.
     fn persist_sync_target(&mut self) -> bool {
-        // Fault point (`failpoints` feature, tests only): the write fails.
-        let injected = (|| {
-            fail::fail_point!("sync-target-persist-fails", |_| true);
-            false
-        })();
-        if injected {
+        if sync_target_persist_fault() {
             self.disk_failed("recording Inconsistent in the superblock: injected fault");
             return false;
         }
@@ -1874,4 +1869,11 @@ impl Core {
         self.send_reports();
         self.answer(&Request::SkipInitialSync, skip.caller, response);
     }
+}
+
+/// Fault point (`failpoints` feature, tests only): recording a resync
+/// target's Inconsistent disk fails.
+fn sync_target_persist_fault() -> bool {
+    fail::fail_point!("sync-target-persist-fails", |_| true);
+    false
 }

@@ -58,6 +58,47 @@ pub const SYNC_FLUSH_BATCH_BYTES: u64 = 32 << 20;
 /// Writes remembered as not yet complete on every node (see `Unconfirmed`).
 pub const MAX_UNCONFIRMED_WRITES: usize = 1 << 16;
 
+/// Why a session ended. Its text is what `status`, `events` and the log
+/// show as the reason; the core decides on the variant, never on the text.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionEnd {
+    /// This node closed the link (the reason its closer gave).
+    #[error("{0}")]
+    Closed(String),
+    #[error("peer has not answered heartbeats for {0} ms (ping timeout)")]
+    Unanswered(u128),
+    #[error("peer silent for {0} ms (ping timeout)")]
+    Silent(u128),
+    #[error("cannot encode {what}: {error}")]
+    Encode {
+        what: &'static str,
+        error: wire::WireError,
+    },
+    #[error("flush failed on this node's disk: {0}")]
+    Flush(io::Error),
+    #[error("connection closed while writing")]
+    ClosedWhileWriting,
+    #[error("connection lost: {0}")]
+    Lost(io::Error),
+    #[error("bad frame from peer: {0}")]
+    BadFrame(wire::WireError),
+    #[error("peer closed the connection")]
+    PeerClosed,
+    #[error("peer sent data to a diskless node")]
+    DataToDiskless,
+    #[error("peer repeated its handshake mid-session")]
+    RepeatedHandshake,
+    #[error("cluster core is not keeping up with this peer's messages")]
+    CoreBehind,
+}
+
+impl SessionEnd {
+    /// The session ended on a frame that failed its checksum.
+    pub fn corrupt(&self) -> bool {
+        matches!(self, SessionEnd::BadFrame(wire::WireError::BadChecksum))
+    }
+}
+
 /// What a session tells the cluster core.
 #[derive(Debug)]
 pub enum PeerEvent {
@@ -529,7 +570,8 @@ pub async fn run(
         .ping
         .set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut jobs = FuturesUnordered::new();
-    let reason = std::future::poll_fn(|cx| session.poll(cx, &mut jobs, run_job)).await;
+    let end = std::future::poll_fn(|cx| session.poll(cx, &mut jobs, run_job)).await;
+    let reason = end.to_string();
     link.close(reason.clone());
     let unconfirmed = session
         .unconfirmed
@@ -538,7 +580,7 @@ pub async fn run(
         .map(|w| (w.1, w.2))
         .collect();
     let session = link.session;
-    let corrupt = reason.contains(&wire::WireError::BadChecksum.to_string());
+    let corrupt = end.corrupt();
     let _ = events
         .send(PeerEvent::Closed {
             peer,
@@ -595,7 +637,7 @@ impl Session {
         cx: &mut Context<'_>,
         jobs: &mut FuturesUnordered<F>,
         start: M,
-    ) -> Poll<String>
+    ) -> Poll<SessionEnd>
     where
         F: Future<Output = Done>,
         M: Fn(Option<LocalDisk>, u8, u64, Vec<CancellationToken>, Job) -> F + Copy,
@@ -603,23 +645,19 @@ impl Session {
         loop {
             let mut progressed = false;
             if self.link.is_closed() {
-                return Poll::Ready(self.link.close_reason().unwrap_or_else(|| "closed".into()));
+                return Poll::Ready(SessionEnd::Closed(
+                    self.link.close_reason().unwrap_or_else(|| "closed".into()),
+                ));
             }
             // Keepalive and silence detection.
             while self.ping.poll_tick(cx).is_ready() {
                 let unanswered = self.last_pong.elapsed();
                 if unanswered > self.config.ping_timeout {
-                    return Poll::Ready(format!(
-                        "peer has not answered heartbeats for {} ms (ping timeout)",
-                        unanswered.as_millis()
-                    ));
+                    return Poll::Ready(SessionEnd::Unanswered(unanswered.as_millis()));
                 }
                 let silent = self.last_heard.elapsed();
                 if silent > self.config.ping_timeout {
-                    return Poll::Ready(format!(
-                        "peer silent for {} ms (ping timeout)",
-                        silent.as_millis()
-                    ));
+                    return Poll::Ready(SessionEnd::Silent(silent.as_millis()));
                 }
                 self.ping_id += 1;
                 if self.pings_sent.len() == HEARTBEAT_MEMORY {
@@ -630,7 +668,10 @@ impl Session {
                     .out
                     .push(&Message::Ping { id: self.ping_id }, Bytes::new())
                 {
-                    return Poll::Ready(format!("cannot encode ping: {e}"));
+                    return Poll::Ready(SessionEnd::Encode {
+                        what: "ping",
+                        error: e,
+                    });
                 }
                 progressed = true;
             }
@@ -640,7 +681,10 @@ impl Session {
                     break;
                 };
                 if let Err(e) = self.out.push(&outgoing.message, outgoing.payload) {
-                    return Poll::Ready(format!("cannot encode {}: {e}", outgoing.message.name()));
+                    return Poll::Ready(SessionEnd::Encode {
+                        what: outgoing.message.name(),
+                        error: e,
+                    });
                 }
                 self.closing = outgoing.close_after;
                 progressed = true;
@@ -659,7 +703,7 @@ impl Session {
                         continue;
                     };
                     if let Err(e) = result {
-                        return Poll::Ready(format!("flush failed on this node's disk: {e}"));
+                        return Poll::Ready(SessionEnd::Flush(e));
                     }
                     for ((message, payload), clear) in replies {
                         if let Some(disk) = &self.config.disk {
@@ -668,7 +712,10 @@ impl Session {
                             }
                         }
                         if let Err(e) = self.out.push(&message, payload) {
-                            return Poll::Ready(format!("cannot encode reply: {e}"));
+                            return Poll::Ready(SessionEnd::Encode {
+                                what: "reply",
+                                error: e,
+                            });
                         }
                     }
                     progressed = true;
@@ -710,29 +757,27 @@ impl Session {
             // Write out.
             while self.out.has_remaining() {
                 match poll_write_buf(Pin::new(&mut self.stream), cx, &mut self.out) {
-                    Poll::Ready(Ok(0)) => {
-                        return Poll::Ready("connection closed while writing".into())
-                    }
+                    Poll::Ready(Ok(0)) => return Poll::Ready(SessionEnd::ClosedWhileWriting),
                     Poll::Ready(Ok(_)) => progressed = true,
-                    Poll::Ready(Err(e)) => return Poll::Ready(format!("connection lost: {e}")),
+                    Poll::Ready(Err(e)) => return Poll::Ready(SessionEnd::Lost(e)),
                     Poll::Pending => break,
                 }
             }
             // The last frame is written: now the link may close.
             if !self.out.has_remaining() {
                 if let Some(reason) = self.closing.take() {
-                    return Poll::Ready(reason);
+                    return Poll::Ready(SessionEnd::Closed(reason));
                 }
             }
             // Read in.
             if jobs.len() < MAX_SESSION_APPLIES {
                 loop {
                     match wire::check(&self.rbuf) {
-                        Err(e) => return Poll::Ready(format!("bad frame from peer: {e}")),
+                        Err(e) => return Poll::Ready(SessionEnd::BadFrame(e)),
                         Ok(0) => {
                             let frame = match wire::decode(&mut self.rbuf) {
                                 Ok(frame) => frame,
-                                Err(e) => return Poll::Ready(format!("bad frame from peer: {e}")),
+                                Err(e) => return Poll::Ready(SessionEnd::BadFrame(e)),
                             };
                             self.last_heard = Instant::now();
                             self.exact_reads = frame.payload.len() > EXACT_READ_BYTES;
@@ -754,16 +799,12 @@ impl Session {
                                 poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.rbuf)
                             };
                             match read {
-                                Poll::Ready(Ok(0)) => {
-                                    return Poll::Ready("peer closed the connection".into())
-                                }
+                                Poll::Ready(Ok(0)) => return Poll::Ready(SessionEnd::PeerClosed),
                                 Poll::Ready(Ok(_)) => {
                                     progressed = true;
                                     continue;
                                 }
-                                Poll::Ready(Err(e)) => {
-                                    return Poll::Ready(format!("connection lost: {e}"))
-                                }
+                                Poll::Ready(Err(e)) => return Poll::Ready(SessionEnd::Lost(e)),
                                 Poll::Pending => break,
                             }
                         }
@@ -776,7 +817,7 @@ impl Session {
         }
     }
 
-    fn finish(&mut self, done: Done) -> Option<String> {
+    fn finish(&mut self, done: Done) -> Option<SessionEnd> {
         if self.sync_job_ids.remove(&done.id) {
             self.sync_jobs -= 1;
         }
@@ -799,7 +840,10 @@ impl Session {
             if done.after_flush {
                 self.unflushed.push((reply, done.clear));
             } else if let Err(e) = self.out.push(&reply.0, reply.1) {
-                return Some(format!("cannot encode reply: {e}"));
+                return Some(SessionEnd::Encode {
+                    what: "reply",
+                    error: e,
+                });
             }
         }
         None
@@ -815,16 +859,16 @@ impl Session {
         len: u64,
         complete_below: u64,
         ack_on_receipt: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), SessionEnd> {
         if self.config.disk.is_none() {
-            return Err("peer sent data to a diskless node".into());
+            return Err(SessionEnd::DataToDiskless);
         }
         self.unconfirmed
             .push(seq, offset, len, complete_below, self.config.disk.as_ref());
         if ack_on_receipt {
             self.out
                 .push(&Message::WriteAck { seq, ok: true }, Bytes::new())
-                .map_err(|e| format!("cannot encode ack: {e}"))?;
+                .map_err(|error| SessionEnd::Encode { what: "ack", error })?;
         }
         Ok(())
     }
@@ -877,7 +921,7 @@ impl Session {
         frame: Frame,
         jobs: &mut FuturesUnordered<F>,
         start: M,
-    ) -> Option<String>
+    ) -> Option<SessionEnd>
     where
         F: Future<Output = Done>,
         M: Fn(Option<LocalDisk>, u8, u64, Vec<CancellationToken>, Job) -> F,
@@ -893,7 +937,10 @@ impl Session {
                 let lease_granted = self.link.answer_heartbeat(id, now_nanos());
                 let pong = Message::Pong { id, lease_granted };
                 if let Err(e) = self.out.push(&pong, Bytes::new()) {
-                    return Some(format!("cannot encode pong: {e}"));
+                    return Some(SessionEnd::Encode {
+                        what: "pong",
+                        error: e,
+                    });
                 }
             }
             Message::Pong { id, lease_granted } => {
@@ -997,7 +1044,7 @@ impl Session {
                 }
             }
             Message::Hello { .. } | Message::Auth { .. } => {
-                return Some("peer repeated its handshake mid-session".into());
+                return Some(SessionEnd::RepeatedHandshake);
             }
             Message::NewGeneration { .. } => {
                 // Writes from the sender not yet confirmed everywhere may be
@@ -1016,7 +1063,7 @@ impl Session {
                     .try_send(PeerEvent::Frame { peer, frame })
                     .is_err()
                 {
-                    return Some("cluster core is not keeping up with this peer's messages".into());
+                    return Some(SessionEnd::CoreBehind);
                 }
             }
             message => {
@@ -1030,7 +1077,7 @@ impl Session {
                     .try_send(PeerEvent::Frame { peer, frame })
                     .is_err()
                 {
-                    return Some("cluster core is not keeping up with this peer's messages".into());
+                    return Some(SessionEnd::CoreBehind);
                 }
             }
         }
@@ -1041,4 +1088,27 @@ impl Session {
 /// Checks a resync/verify mask reply.
 pub fn decode_mask(frame: &Frame, blocks: u32) -> Result<Vec<bool>, wire::WireError> {
     mask_from_bytes(&frame.payload, blocks as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_bad_checksum_counts_as_a_corrupt_frame() {
+        let corrupt = SessionEnd::BadFrame(wire::WireError::BadChecksum);
+        assert!(corrupt.corrupt());
+        assert_eq!(
+            corrupt.to_string(),
+            format!("bad frame from peer: {}", wire::WireError::BadChecksum)
+        );
+        // A reason that merely mentions a checksum is not one.
+        let closed = SessionEnd::Closed(format!("{}", wire::WireError::BadChecksum));
+        assert!(!closed.corrupt());
+        assert!(!SessionEnd::PeerClosed.corrupt());
+        assert_eq!(
+            SessionEnd::Silent(1500).to_string(),
+            "peer silent for 1500 ms (ping timeout)"
+        );
+    }
 }
