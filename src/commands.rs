@@ -315,7 +315,7 @@ const WAIT_SYNC_POLL: std::time::Duration = std::time::Duration::from_millis(200
 /// is written meanwhile. Empty when every data node holds the same,
 /// current data.
 pub fn not_in_sync(status: &Status, config: &Config) -> Vec<String> {
-    use crate::cluster::state::{ConnectionState, DiskState};
+    use crate::vocabulary::state::{ConnectionState, DiskState};
     let mut missing = Vec::new();
     let me_holds_data = config
         .node(&status.node)
@@ -378,7 +378,7 @@ pub fn wait_sync(target: &Target, timeout: Option<std::time::Duration>) -> ExitC
             Err(e) => return report(&e),
         };
         if let Some(peer) = status.peers.iter().find(|p| {
-            p.split_brain || p.connection == crate::cluster::state::ConnectionState::StandAlone
+            p.split_brain || p.connection == crate::vocabulary::state::ConnectionState::StandAlone
         }) {
             if let Some(bar) = &bar {
                 bar.abandon();
@@ -439,8 +439,8 @@ pub fn default_config_path() -> &'static Path {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::state::{ConnectionState, DiskState, ReplicationState, Role};
     use crate::control::protocol::{GenerationText, PeerStatus, SyncStatus};
+    use crate::vocabulary::state::{ConnectionState, DiskState, ReplicationState, Role};
 
     const CONFIG: &str = r#"
 [resource]

@@ -25,11 +25,9 @@ use serde_json::{json, Map, Value};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::generation::{Generation, Lineage};
 use super::lease::{Lease, StartHold};
 use super::peers::PeerState;
 use super::promotion;
-use super::state::{DiskState, Role};
 use crate::config::{Config, Node, QuorumMode};
 use crate::control::events::{ObjectKey, ObjectKind, ObjectTracker};
 use crate::control::protocol::{ExitCode, NbdStatus, Request, Response, Status};
@@ -42,6 +40,8 @@ use crate::replication::connector::Established;
 use crate::replication::resync::SyncError;
 use crate::replication::session::{PeerEvent, SessionConfig, CORE_EVENT_QUEUE};
 use crate::replication::wire::{Message, NodeReport, WireLineage};
+use crate::vocabulary::generation::{Generation, Lineage};
+use crate::vocabulary::state::{DiskState, Role};
 use crate::volume::{Gate, Refusal, Volume};
 
 /// How often the core checks its timers (promotion retries, generation

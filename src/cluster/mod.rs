@@ -4,14 +4,13 @@
 //!   `peers.rs` holds its per-peer half (connect, exchange, resync).
 //! - [`promotion`]: the promotion rules (a)–(d), a pure function.
 //! - [`sync_rules`]: who resyncs whom when two data nodes meet.
-//! - [`generation`]: generation ids and how two lineages relate.
-//! - [`state`]: the state enums with DRBD's names.
+//!
+//! The states and generations it decides with live in
+//! [`crate::vocabulary`], shared with the wire format.
 
 pub mod core;
-pub mod generation;
 pub mod lease;
 mod peers;
 pub mod promotion;
 mod roles;
-pub mod state;
 pub mod sync_rules;

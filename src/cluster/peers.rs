@@ -24,9 +24,7 @@ use bytes::Bytes;
 use tokio::sync::{oneshot, watch};
 
 use super::core::{Core, Internal, SkipSync};
-use super::generation::{Generation, Lineage, Relation};
 use super::lease::{self, now_nanos};
-use super::state::{ConnectionState, DiskState, ReplicationState, Role};
 use super::sync_rules::{decide, Decision, Side};
 use crate::config::Node;
 use crate::control::protocol::{PeerStatus, Request, Response, SyncStatus};
@@ -39,6 +37,8 @@ use crate::replication::link::PeerLink;
 use crate::replication::resync::{self, SourceContext, SyncError, SyncStats};
 use crate::replication::session::{self, PeerEvent};
 use crate::replication::wire::{Frame, Message, NodeReport, SyncMode, WireLineage};
+use crate::vocabulary::generation::{Generation, Lineage, Relation};
+use crate::vocabulary::state::{ConnectionState, DiskState, ReplicationState, Role};
 
 /// Bitmap words per `Bitmap` frame during the exchange.
 const BITMAP_WORDS_PER_FRAME: usize = 64 << 10;

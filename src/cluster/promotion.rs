@@ -15,8 +15,8 @@
 
 use std::fmt;
 
-use super::state::DiskState;
 use crate::config::QuorumMode;
+use crate::vocabulary::state::DiskState;
 
 /// What the cluster-wide check found, fresh from every connected node.
 #[derive(Debug, Clone)]

@@ -28,15 +28,15 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::core::{Core, Demotion, GenerationChange, Promotion, Stopped};
-use super::generation::{Generation, Lineage, Relation};
 use super::lease::{self, now_nanos};
 use super::promotion::{self, PromotionInput, PromotionRefusal};
-use super::state::{DiskState, Role};
 use crate::config::{OnNoQuorum, QuorumMode};
 use crate::control::protocol::{Request, Response};
 use crate::control::server::CoreReply;
 use crate::meta::superblock::StoredDisk;
 use crate::replication::wire::{Message, WireLineage};
+use crate::vocabulary::generation::{Generation, Lineage, Relation};
+use crate::vocabulary::state::{DiskState, Role};
 use crate::volume::{Gate, Refusal};
 
 /// How often a promotion waiting on rule (b) or a lease asks again.
@@ -617,7 +617,7 @@ impl Core {
             lineage.history.insert(0, failed);
             lineage
                 .history
-                .truncate(super::generation::MAX_GENERATION_HISTORY);
+                .truncate(crate::vocabulary::generation::MAX_GENERATION_HISTORY);
             sb.lineage = lineage;
             // No write was acknowledged in the failed generation, so this
             // node need not hold out for it as a voter: kept, it would

@@ -13,8 +13,8 @@
 //! - a node that knows a generation its data does not descend from is
 //!   resynced only by a source whose history holds that generation.
 
-use super::generation::{Generation, Lineage, Relation};
-use super::state::{DiskState, Role};
+use crate::vocabulary::generation::{Generation, Lineage, Relation};
+use crate::vocabulary::state::{DiskState, Role};
 
 /// One side of a connection, as both sides see it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,8 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::generation::Generation;
-use crate::cluster::state::{ConnectionState, DiskState, ReplicationState, Role};
+use crate::vocabulary::generation::Generation;
+use crate::vocabulary::state::{ConnectionState, DiskState, ReplicationState, Role};
 
 /// Longest request line the daemon reads.
 pub const MAX_REQUEST_LINE_BYTES: usize = 64 << 10;

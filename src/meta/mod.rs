@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-use crate::cluster::generation::{Generation, Lineage};
 use crate::config::{Config, MetaLocation, Node, NodeKind};
+use crate::vocabulary::generation::{Generation, Lineage};
 use layout::{Layout, Placement, META_BLOCK_BYTES, SUPERBLOCK_COPIES};
 use superblock::{DecodeError, PeerSlot, StoredDisk, StoredKind, Superblock, SuperblockFlags};
 

@@ -11,8 +11,8 @@
 //! with zeroes to 4096 bytes.
 
 use super::layout::{Layout, META_BLOCK_BYTES};
-use crate::cluster::generation::{Generation, Lineage, MAX_GENERATION_HISTORY};
 use crate::config::MAX_NAME_LEN;
+use crate::vocabulary::generation::{Generation, Lineage, MAX_GENERATION_HISTORY};
 
 pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"HABLK\0SB";
 

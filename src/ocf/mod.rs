@@ -16,10 +16,10 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::cluster::state::{DiskState, Role};
 use crate::config::{Config, Node};
 use crate::control::client::{ClientError, ControlClient};
 use crate::control::protocol::{ExitCode, Request, Response, Status};
+use crate::vocabulary::state::{DiskState, Role};
 use device::{AttachMode, ExportDevice};
 
 /// OCF exit codes (OCF 1.1, "Return codes").

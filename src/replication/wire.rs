@@ -14,8 +14,8 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::generation::{Generation, Lineage};
-use crate::cluster::state::{DiskState, Role};
+use crate::vocabulary::generation::{Generation, Lineage};
+use crate::vocabulary::state::{DiskState, Role};
 
 /// Versions of the peer protocol; each variant's doc line is the changelog.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,7 +103,7 @@ impl From<&WireLineage> for Lineage {
             history: wire
                 .history
                 .iter()
-                .take(crate::cluster::generation::MAX_GENERATION_HISTORY)
+                .take(crate::vocabulary::generation::MAX_GENERATION_HISTORY)
                 .map(|&g| Generation(g))
                 .collect(),
         }
