@@ -130,11 +130,11 @@
 use std::collections::VecDeque;
 use std::fmt::Write as _;
 
-use hablk::cluster::generation::{Generation, Lineage, Relation, MAX_GENERATION_HISTORY};
 use hablk::cluster::promotion::{check, majority, PromotionInput, PromotionRefusal};
-use hablk::cluster::state::{DiskState, Role};
 use hablk::cluster::sync_rules::{decide, Decision, Side};
 use hablk::config::QuorumMode;
+use hablk::vocabulary::generation::{Generation, Lineage, Relation, MAX_GENERATION_HISTORY};
+use hablk::vocabulary::state::{DiskState, Role};
 
 // ---------------------------------------------------------------- setups
 
