@@ -341,17 +341,30 @@ impl Core {
         self.publish();
         loop {
             let action = self.select().await;
-            let stopped = self.apply(action);
-            self.check_quorum();
-            self.drop_invalid_source_resyncs();
-            self.refresh_lease();
-            self.refresh_lease_grants();
-            self.publish();
-            if let Some(stopped) = stopped {
+            if let Some(stopped) = self.step(action) {
                 self.shutdown_peers();
                 return stopped;
             }
         }
+    }
+
+    /// One step: the action, then what follows from any state it changed
+    /// (quorum, resyncs whose source no longer qualifies, the lease and
+    /// the grants this node gives, events). Returns `Some` when the daemon
+    /// should stop.
+    pub(super) fn step(&mut self, action: Action) -> Option<Stopped> {
+        let stopped = self.apply(action);
+        self.settle();
+        stopped
+    }
+
+    /// What follows from any state change, after every step.
+    pub(super) fn settle(&mut self) {
+        self.check_quorum();
+        self.drop_invalid_source_resyncs();
+        self.refresh_lease();
+        self.refresh_lease_grants();
+        self.publish();
     }
 
     async fn select(&mut self) -> Action {
@@ -369,7 +382,7 @@ impl Core {
     }
 
     /// Applies one action; returns `Some` when the daemon should stop.
-    pub fn apply(&mut self, action: Action) -> Option<Stopped> {
+    fn apply(&mut self, action: Action) -> Option<Stopped> {
         match action {
             Action::Call(call) => self.call(call),
             Action::ClientsChanged(attached) => {
@@ -407,9 +420,9 @@ impl Core {
             }
             Action::Wrote => {
                 if !self.meta.superblock().flags.wrote_in_generation {
-                    if let Err(e) = self.meta.update(|sb| sb.flags.wrote_in_generation = true) {
-                        tracing::error!(error = %e, "cannot record the first write of this generation");
-                    }
+                    self.persist("the first write of this generation", |sb| {
+                        sb.flags.wrote_in_generation = true
+                    });
                 }
                 None
             }
@@ -465,6 +478,36 @@ impl Core {
                 }
             });
         }
+    }
+
+    /// The one way this node's disk state changes: the step must be one
+    /// the state diagram allows (checked in release builds too: a broken
+    /// rule stops the node before it records data as something it is not),
+    /// and it is logged with its reason. The durable form is written by the
+    /// caller, before the change where the change makes data current.
+    pub(super) fn set_disk(&mut self, to: DiskState, why: &str) {
+        let from = self.disk;
+        if from == to {
+            return;
+        }
+        assert!(
+            from.may_become(to),
+            "disk state {from} -> {to} is not allowed ({why})"
+        );
+        tracing::info!(%from, %to, reason = why, "disk state changed");
+        self.disk = to;
+    }
+
+    /// Whether the volume took a write in this generation, noted or not.
+    pub(super) fn wrote_now(&self) -> bool {
+        self.wrote.as_ref().is_some_and(|w| *w.borrow())
+    }
+
+    /// The next background result, if one is ready: unit tests drive the
+    /// core without its loop.
+    #[cfg(test)]
+    pub(super) fn next_internal(&mut self) -> Option<Internal> {
+        self.internal_rx.try_recv().ok()
     }
 
     /// The sender the NBD export policy uses to ask for auto-promotion.

@@ -22,8 +22,8 @@
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 
@@ -31,10 +31,23 @@ use crate::replication::link::PeerLink;
 
 /// Nanoseconds since this process's first call: a monotonic clock that fits
 /// an atomic.
+#[cfg(not(test))]
 pub fn now_nanos() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    let epoch = *EPOCH.get_or_init(Instant::now);
-    u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(std::time::Instant::now);
+    nanos(epoch.elapsed())
+}
+
+/// In unit tests the lease clock is tokio's, which a test can pause and
+/// advance, counted from the test thread's first call: leases and lease
+/// waits expire when the test says so, not when the machine gets to it.
+#[cfg(test)]
+pub fn now_nanos() -> u64 {
+    thread_local! {
+        static EPOCH: tokio::time::Instant = tokio::time::Instant::now();
+    }
+    let now = tokio::time::Instant::now();
+    EPOCH.with(|epoch| nanos(now.saturating_duration_since(*epoch)))
 }
 
 /// `duration` in nanoseconds, saturating: the unit of the lease clock.

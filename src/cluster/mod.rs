@@ -14,3 +14,5 @@ mod peers;
 pub mod promotion;
 mod roles;
 pub mod sync_rules;
+#[cfg(test)]
+mod tests;

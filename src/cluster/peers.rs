@@ -195,6 +195,24 @@ impl PeerState {
         }
     }
 
+    /// Forgets everything learned on the current connection (its link,
+    /// report, exchange and resync), which ended or is being replaced.
+    fn forget_connection(&mut self) {
+        if let Some(run) = self.sync.take() {
+            if let Some(task) = run.task {
+                task.abort();
+            }
+        }
+        self.link = None;
+        self.report = None;
+        self.replication = ReplicationState::Off;
+        self.receives_writes = false;
+        self.in_sync_at = None;
+        self.sync_end_sent = None;
+        self.incoming_bits = None;
+        self.retry_exchange_at = None;
+    }
+
     fn set_wanted(&self, wanted: Wanted) {
         self.wanted.send_replace(wanted);
     }
@@ -261,20 +279,41 @@ impl Core {
         None
     }
 
-    /// A handshaken connection arrived from the connector.
+    /// A handshaken connection arrived from the connector: its session
+    /// task starts if the core takes the link.
     pub(super) fn established(&mut self, established: Established) {
         let Established {
             peer,
             stream,
             leftover,
         } = established;
-        let Some(state) = self.peers.get(&peer) else {
+        let Some(name) = self.peers.get(&peer).map(|p| p.node.name.clone()) else {
             return;
+        };
+        let (link, outbox) = PeerLink::new(peer, name);
+        let link = Arc::new(link);
+        if self.link_up(link.clone()) {
+            tokio::spawn(session::run(
+                stream,
+                leftover,
+                link,
+                outbox,
+                self.session_config.clone(),
+                self.peer_events_tx.clone(),
+            ));
+        }
+    }
+
+    /// Takes a new link to a peer, replacing any old one; `false` if the
+    /// peer is StandAlone (the connection is dropped).
+    pub(super) fn link_up(&mut self, link: Arc<PeerLink>) -> bool {
+        let peer = link.peer;
+        let Some(state) = self.peers.get(&peer) else {
+            return false;
         };
         if state.standalone.is_some() {
             // The handshake raced with `disconnect`: drop it.
-            drop(stream);
-            return;
+            return false;
         }
         if let Some(old) = state.link.clone() {
             // Only one side dials: a new connection means the peer gave up
@@ -284,45 +323,26 @@ impl Core {
             // waiting on that loss, and rule A, must not be skipped.
             tracing::info!(peer = %state.node.name, "peer reconnected; replacing the old connection");
             old.close("replaced by a new connection from the peer");
-            let session = old.session;
             self.peer_closed(
                 peer,
-                session,
+                old.session,
                 "replaced by a new connection from the peer",
                 Vec::new(),
             );
         }
-        let Some(state) = self.peers.get(&peer) else {
-            return;
-        };
-        let (link, outbox) = PeerLink::new(peer, state.node.name.clone());
-        let link = Arc::new(link);
-        tokio::spawn(session::run(
-            stream,
-            leftover,
-            link.clone(),
-            outbox,
-            self.session_config.clone(),
-            self.peer_events_tx.clone(),
-        ));
-        tracing::info!(peer = %state.node.name, "peer connected");
         let report = self.report_for(peer);
-        if let Some(state) = self.peers.get_mut(&peer) {
-            state.link = Some(link.clone());
-            state.report = None;
-            state.replication = ReplicationState::Off;
-            state.receives_writes = false;
-            state.in_sync_at = None;
-            state.left_cleanly = false;
-            state.sync_end_sent = None;
-            state.incoming_bits = None;
-            state.retry_exchange_at = None;
-            state.sync = None;
-            state.set_wanted(Wanted::Live);
-        }
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return false;
+        };
+        tracing::info!(peer = %state.node.name, "peer connected");
+        state.forget_connection();
+        state.link = Some(link.clone());
+        state.left_cleanly = false;
+        state.set_wanted(Wanted::Live);
         link.send(Message::Report(report), Bytes::new());
         // Others learn of the new connection (rule (b) reads them).
         self.send_reports();
+        true
     }
 
     pub(super) fn peer_event(&mut self, event: PeerEvent) {
@@ -388,19 +408,7 @@ impl Core {
                 .as_ref()
                 .is_some_and(|r| r.recording_generation)
             || self.known_from.is_some_and(|(from, _)| from == peer);
-        if let Some(run) = state.sync.take() {
-            if let Some(task) = run.task {
-                task.abort();
-            }
-        }
-        state.link = None;
-        state.report = None;
-        state.replication = ReplicationState::Off;
-        state.receives_writes = false;
-        state.in_sync_at = None;
-        state.sync_end_sent = None;
-        state.incoming_bits = None;
-        state.retry_exchange_at = None;
+        state.forget_connection();
         if state.standalone.is_none() {
             state.set_wanted(Wanted::Connect);
         }
@@ -457,7 +465,7 @@ impl Core {
             error,
             "backing disk failed: detaching (on-io-error = detach); this node goes Diskless"
         );
-        self.disk = DiskState::Diskless;
+        self.set_disk(DiskState::Diskless, "the backing disk failed");
         if let Err(error) = self.meta.update(|sb| sb.disk = StoredDisk::Inconsistent) {
             // The disk is gone either way; after a restart its stale
             // generation shows it as behind.
@@ -620,11 +628,8 @@ impl Core {
         {
             return;
         }
-        match self.meta.update(|sb| sb.known = theirs) {
-            Ok(()) => {
-                tracing::info!(peer = %peer_name, from = %known, to = %theirs, "recorded generation superseded in the peer's lineage; this voter follows it");
-            }
-            Err(e) => tracing::error!(error = %e, "cannot record the superseded vote"),
+        if self.persist("the superseded vote", |sb| sb.known = theirs) {
+            tracing::info!(peer = %peer_name, from = %known, to = %theirs, "recorded generation superseded in the peer's lineage; this voter follows it");
         }
     }
 
@@ -703,17 +708,14 @@ impl Core {
         if self.disk == DiskState::Consistent && peer_is_data {
             let theirs: Lineage = (&report.lineage).into();
             let relation = self.meta.superblock().lineage.relation_to(&theirs);
-            self.disk = if relation == Relation::Older {
-                DiskState::Outdated
+            let (resolved, stored) = if relation == Relation::Older {
+                (DiskState::Outdated, StoredDisk::Outdated)
             } else {
-                DiskState::UpToDate
+                (DiskState::UpToDate, StoredDisk::UpToDate)
             };
-            let stored = if self.disk == DiskState::Outdated {
-                StoredDisk::Outdated
-            } else {
-                StoredDisk::UpToDate
-            };
-            self.persist("the resolved disk state", |sb| sb.disk = stored);
+            if self.persist("the resolved disk state", |sb| sb.disk = stored) {
+                self.set_disk(resolved, "resolved against a data peer's generation");
+            }
         } else if self.disk == DiskState::Consistent
             && self.me.is_data()
             && !peer_is_data
@@ -725,19 +727,15 @@ impl Core {
             // witness or this node.)
             let mine = self.meta.superblock().lineage.clone();
             let known = Generation(report.known);
-            let outdated = !mine.contains(known);
-            self.disk = if outdated {
-                DiskState::Outdated
+            let (resolved, stored) = if mine.contains(known) {
+                (DiskState::UpToDate, StoredDisk::UpToDate)
             } else {
-                DiskState::UpToDate
+                (DiskState::Outdated, StoredDisk::Outdated)
             };
-            let stored = if outdated {
-                StoredDisk::Outdated
-            } else {
-                StoredDisk::UpToDate
-            };
-            tracing::info!(witness = %name, %known, disk = %self.disk, "disk state resolved with a quorum");
-            self.persist("the resolved disk state", |sb| sb.disk = stored);
+            tracing::info!(witness = %name, %known, disk = %resolved, "disk state resolved with a quorum");
+            if self.persist("the resolved disk state", |sb| sb.disk = stored) {
+                self.set_disk(resolved, "resolved with a quorum");
+            }
         }
         if matches!(report.disk, DiskState::Diskless | DiskState::Failed) && peer_is_data {
             let was_target = self.peers.get(&peer).is_some_and(|p| p.receives_writes);
@@ -786,9 +784,9 @@ impl Core {
         let Some(slot) = sb.slot_of(peer) else { return };
         let current = Some(sb.lineage.current);
         if in_sync && sb.peer_slots[usize::from(slot)].tracking != current {
-            let _ = self
-                .meta
-                .update(|sb| sb.peer_slots[usize::from(slot)].tracking = current);
+            self.persist("the bitmap's tracking generation", |sb| {
+                sb.peer_slots[usize::from(slot)].tracking = current
+            });
         }
     }
 
@@ -1042,11 +1040,13 @@ impl Core {
         // While another node is Primary, this node may be taking its
         // writes: only that Primary may overwrite them.
         let other_primary = self.other_primary_connected(peer);
+        // A detached disk takes no data, whatever the source last heard.
         if !agreed
             || other_source
             || other_primary
             || self.role == Role::Primary
             || self.promotion.is_some()
+            || self.disk == DiskState::Diskless
         {
             let reason = format!(
                 "{} will not be a resync target of {} now (role {}, generation {})",
@@ -1115,7 +1115,7 @@ impl Core {
         let name = state.node.name.clone();
         if overwritten {
             tracing::info!(peer = %name, ?mode, out_of_sync_bytes = union, "resync: this node is the target");
-            self.disk = DiskState::Inconsistent;
+            self.set_disk(DiskState::Inconsistent, "resync target");
             self.send_reports();
         }
     }
@@ -1280,7 +1280,7 @@ impl Core {
             tracker.with_bitmap(peer, |b| b.clear_all());
         }
         let generation = lineage.current;
-        let result = self.meta.update(|sb| {
+        let recorded = self.persist("the finished resync", |sb| {
             sb.lineage = lineage.clone();
             if sb.known != generation && !lineage.history.contains(&sb.known) {
                 // Keep the newest known generation.
@@ -1298,12 +1298,11 @@ impl Core {
                 sb.peer_slots[usize::from(slot)].tracking = Some(generation);
             }
         });
-        if let Err(e) = result {
-            tracing::error!(error = %e, "cannot record the finished resync");
+        if !recorded {
             self.close_link(peer, "cannot record the finished resync");
             return;
         }
-        self.disk = DiskState::UpToDate;
+        self.set_disk(DiskState::UpToDate, "resync done");
         if let Some(state) = self.peers.get_mut(&peer) {
             state.sync = None;
             state.replication = ReplicationState::Established;
@@ -1353,11 +1352,10 @@ impl Core {
             && Some(sb.lineage.current) == previous
             && self.peers.get(&peer).is_some_and(|p| p.sync.is_none());
         let mut disk = self.disk;
-        if accepted {
-            self.known_from = Some((peer, generation));
-        }
-        let result = if accepted {
-            self.meta.update(|sb| {
+        // An answer says the vote is durable: one this node could not
+        // write is a refusal (after a crash it would not know the vote).
+        let accepted = accepted
+            && self.persist("a peer's new generation", |sb| {
                 sb.known = generation;
                 if in_sync_with_sender {
                     sb.lineage = new.clone();
@@ -1369,14 +1367,11 @@ impl Core {
                     sb.disk = StoredDisk::Outdated;
                     disk = DiskState::Outdated;
                 }
-            })
-        } else {
-            Ok(())
-        };
-        if let Err(e) = result {
-            tracing::error!(error = %e, "cannot record a peer's new generation");
+            });
+        if accepted {
+            self.known_from = Some((peer, generation));
+            self.set_disk(disk, "a peer recorded a generation this node is behind in");
         }
-        self.disk = disk;
         let known = self.meta.superblock().known.0;
         tracing::info!(peer = %self.peer_name(peer), %generation, accepted, adopted = in_sync_with_sender && accepted, "generation recorded for peer");
         if let Some(link) = self.peers.get(&peer).and_then(|p| p.link.clone()) {
@@ -1712,7 +1707,7 @@ impl Core {
         }) {
             return Response::failed(format!("cannot record the invalidation: {e}"));
         }
-        self.disk = DiskState::Inconsistent;
+        self.set_disk(DiskState::Inconsistent, "invalidate");
         self.send_reports();
         Response::done(format!(
             "{} invalidated: resyncing everything from {source_name} (only differing blocks cross); \
@@ -1805,7 +1800,7 @@ impl Core {
                 }
             })
             .map_err(|e| e.to_string())?;
-        self.disk = DiskState::UpToDate;
+        self.set_disk(DiskState::UpToDate, "skip-initial-sync");
         Ok(())
     }
 

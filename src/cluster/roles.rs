@@ -339,7 +339,7 @@ impl Core {
             }
             return;
         }
-        self.disk = DiskState::UpToDate;
+        self.set_disk(DiskState::UpToDate, "promoted");
         self.role = Role::Primary;
         self.quorum_overridden = override_quorum
             && self.config.resource.quorum == QuorumMode::Majority
@@ -708,10 +708,14 @@ impl Core {
             }
             return;
         }
+        // A peer recording a generation reports it as known before a
+        // majority took it: judged on it, this Primary would step down
+        // for a generation that may yet fail. Its record's end sends a
+        // settled report.
         let reports_pending = self
             .peers
             .values()
-            .any(|p| p.connected() && p.report.is_none());
+            .any(|p| p.connected() && !p.report.as_ref().is_some_and(|r| !r.recording_generation));
         if (self.no_quorum || self.needs_generation)
             && self.generation_change.is_none()
             && !reports_pending
@@ -777,9 +781,15 @@ impl Core {
         let response = match flushed {
             Ok(()) => {
                 self.become_secondary("demoted");
-                if let Err(e) = self.meta.update(|sb| sb.flags.primary_crashed = false) {
-                    tracing::error!(error = %e, "cannot record the clean demotion");
-                }
+                // The first write may not be noted yet (the core hears of
+                // it asynchronously): record it with the clean demotion,
+                // or the split-brain rules would take this node's writes
+                // for none.
+                let wrote = self.wrote_now();
+                self.persist("the clean demotion", |sb| {
+                    sb.flags.primary_crashed = false;
+                    sb.flags.wrote_in_generation |= wrote;
+                });
                 Response::done(format!("{} is Secondary", self.me.name))
             }
             Err(e) => {

@@ -86,6 +86,9 @@ pub struct MetaStore {
     file: File,
     path: PathBuf,
     superblock: Superblock,
+    /// Unit tests of the cluster core make superblock writes fail.
+    #[cfg(test)]
+    failing: bool,
 }
 
 /// Where one node's metadata is, and how it is laid out around its data.
@@ -311,6 +314,8 @@ impl MetaStore {
             al_extents: config.resource.al_extents,
         };
         let mut store = MetaStore {
+            #[cfg(test)]
+            failing: false,
             file,
             path: site.path,
             superblock,
@@ -384,6 +389,8 @@ impl MetaStore {
             });
         }
         Ok(MetaStore {
+            #[cfg(test)]
+            failing: false,
             file,
             path: site.path,
             superblock,
@@ -415,7 +422,21 @@ impl MetaStore {
         Ok(())
     }
 
+    /// From now on every superblock write fails (or succeeds again).
+    #[cfg(test)]
+    pub fn set_failing(&mut self, failing: bool) {
+        self.failing = failing;
+    }
+
     fn write_copy(&mut self, copy: u64) -> Result<(), MetaError> {
+        #[cfg(test)]
+        if self.failing {
+            return Err(MetaError::Io {
+                what: "cannot write superblock to",
+                path: self.path.clone(),
+                source: std::io::Error::from_raw_os_error(libc::EIO),
+            });
+        }
         let block = self.superblock.encode();
         let offset = self.superblock.layout.superblock_copy_offset(copy);
         write_durable(&self.file, &block, offset).map_err(|source| MetaError::Io {
