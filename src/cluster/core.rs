@@ -141,6 +141,8 @@ pub(super) struct GenerationChange {
     /// Data peers that took it as their data generation: they are write
     /// targets before the gate opens.
     pub adopted: Vec<u8>,
+    /// Voters that answered no (not those lost before answering).
+    pub refused: Vec<u8>,
     pub deadline: tokio::time::Instant,
 }
 
@@ -217,6 +219,10 @@ pub struct Core {
     pub(super) no_quorum: bool,
     /// The Primary must record a new generation before acknowledging.
     pub(super) needs_generation: bool,
+    /// A Primary whose new generation was refused tries again no sooner
+    /// than this: every voter may refuse for a while (one promoting), and
+    /// each try costs two superblock writes.
+    pub(super) generation_retry_at: Option<tokio::time::Instant>,
     /// Promoted by an NBD client attaching (auto-promote).
     pub(super) auto_promoted: bool,
     /// When to demote after the last auto-promote client left.
@@ -323,6 +329,7 @@ impl Core {
             quorum_overridden: false,
             no_quorum: false,
             needs_generation: false,
+            generation_retry_at: None,
             auto_promoted: false,
             auto_demote_at: None,
             ticks: 0,

@@ -531,9 +531,12 @@ impl Core {
                     if !accepted {
                         tracing::warn!(peer = %self.peer_name(peer), known = %Generation(known), "peer refused to record the new generation");
                     }
-                    if adopted {
-                        if let Some(change) = &mut self.generation_change {
+                    if let Some(change) = &mut self.generation_change {
+                        if adopted {
                             change.adopted.push(peer);
+                        }
+                        if !accepted && change.waiting.contains(&peer) {
+                            change.refused.push(peer);
                         }
                     }
                     self.generation_answer(peer, accepted);

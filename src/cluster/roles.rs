@@ -41,6 +41,8 @@ use crate::volume::{Gate, Refusal};
 
 /// How often a promotion waiting on rule (b) or a lease asks again.
 const PROMOTION_RETRY: Duration = Duration::from_millis(50);
+/// How soon a Primary whose new generation was refused tries again.
+const GENERATION_RETRY: Duration = Duration::from_millis(100);
 
 impl Core {
     pub(super) fn promote(
@@ -523,6 +525,7 @@ impl Core {
             reason,
             callers,
             adopted: Vec::new(),
+            refused: Vec::new(),
             deadline: tokio::time::Instant::now() + self.config.resource.ping_timeout * 2,
         });
         self.maybe_finish_generation();
@@ -612,12 +615,20 @@ impl Core {
         );
         let failed = change.generation;
         let previous = change.previous.clone();
+        // Only a voter that may have recorded the failed generation needs
+        // it in the history (to accept this node's later ones). When every
+        // voter asked said no, keeping it would only push real ancestors
+        // out of the bounded history with each retry, until nodes that are
+        // merely behind look diverged (a false split-brain).
+        let someone_may_know = change.refused.len() < change.asked;
         self.persist("the return to the previous generation", |sb| {
             let mut lineage = previous.clone();
-            lineage.history.insert(0, failed);
-            lineage
-                .history
-                .truncate(crate::vocabulary::generation::MAX_GENERATION_HISTORY);
+            if someone_may_know {
+                lineage.history.insert(0, failed);
+                lineage
+                    .history
+                    .truncate(crate::vocabulary::generation::MAX_GENERATION_HISTORY);
+            }
             sb.lineage = lineage;
             // No write was acknowledged in the failed generation, so this
             // node need not hold out for it as a voter: kept, it would
@@ -650,6 +661,7 @@ impl Core {
             self.become_secondary("promotion could not record its generation");
         } else if self.role == Role::Primary {
             self.needs_generation = true;
+            self.generation_retry_at = Some(tokio::time::Instant::now() + GENERATION_RETRY);
             self.apply_no_quorum();
         }
         self.send_reports();
@@ -716,9 +728,13 @@ impl Core {
             .peers
             .values()
             .any(|p| p.connected() && !p.report.as_ref().is_some_and(|r| !r.recording_generation));
+        let retry_due = self
+            .generation_retry_at
+            .map_or(true, |at| tokio::time::Instant::now() >= at);
         if (self.no_quorum || self.needs_generation)
             && self.generation_change.is_none()
             && !reports_pending
+            && retry_due
         {
             if let Some(who) = self.newer_generation_seen() {
                 tracing::error!(peer = %who, "quorum is back, but a newer generation exists: stepping down");
@@ -729,6 +745,7 @@ impl Core {
                 "quorum is back: recording a new generation before acknowledging writes"
             );
             self.no_quorum = false;
+            self.generation_retry_at = None;
             self.start_generation("quorum returned".into(), Vec::new());
         }
     }
