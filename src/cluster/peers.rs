@@ -711,14 +711,10 @@ impl Core {
         if self.disk == DiskState::Consistent && peer_is_data {
             let theirs: Lineage = (&report.lineage).into();
             let relation = self.meta.superblock().lineage.relation_to(&theirs);
-            let (resolved, stored) = if relation == Relation::Older {
-                (DiskState::Outdated, StoredDisk::Outdated)
-            } else {
-                (DiskState::UpToDate, StoredDisk::UpToDate)
-            };
-            if self.persist("the resolved disk state", |sb| sb.disk = stored) {
-                self.set_disk(resolved, "resolved against a data peer's generation");
-            }
+            self.resolve_disk(
+                relation != Relation::Older,
+                "resolved against a data peer's generation",
+            );
         } else if self.disk == DiskState::Consistent
             && self.me.is_data()
             && !peer_is_data
@@ -730,15 +726,8 @@ impl Core {
             // witness or this node.)
             let mine = self.meta.superblock().lineage.clone();
             let known = Generation(report.known);
-            let (resolved, stored) = if mine.contains(known) {
-                (DiskState::UpToDate, StoredDisk::UpToDate)
-            } else {
-                (DiskState::Outdated, StoredDisk::Outdated)
-            };
-            tracing::info!(witness = %name, %known, disk = %resolved, "disk state resolved with a quorum");
-            if self.persist("the resolved disk state", |sb| sb.disk = stored) {
-                self.set_disk(resolved, "resolved with a quorum");
-            }
+            tracing::info!(witness = %name, %known, "resolving the disk state with a quorum");
+            self.resolve_disk(mine.contains(known), "resolved with a quorum");
         }
         if matches!(report.disk, DiskState::Diskless | DiskState::Failed) && peer_is_data {
             let was_target = self.peers.get(&peer).is_some_and(|p| p.receives_writes);
@@ -767,6 +756,19 @@ impl Core {
         // Every fresh report is a chance to agree on a resync (a refused
         // one is retried here once both views are current).
         self.re_evaluate(peer);
+    }
+
+    /// A restarted `Consistent` disk learned whether it is current:
+    /// durable first, then the state.
+    fn resolve_disk(&mut self, current: bool, why: &str) {
+        let (resolved, stored) = if current {
+            (DiskState::UpToDate, StoredDisk::UpToDate)
+        } else {
+            (DiskState::Outdated, StoredDisk::Outdated)
+        };
+        if self.persist("the resolved disk state", |sb| sb.disk = stored) {
+            self.set_disk(resolved, why);
+        }
     }
 
     /// While a peer is in sync with us (same data generation, both

@@ -727,7 +727,7 @@ impl Core {
         let reports_pending = self
             .peers
             .values()
-            .any(|p| p.connected() && !p.report.as_ref().is_some_and(|r| !r.recording_generation));
+            .any(|p| p.connected() && p.report.as_ref().map_or(true, |r| r.recording_generation));
         let retry_due = self
             .generation_retry_at
             .map_or(true, |at| tokio::time::Instant::now() >= at);

@@ -269,6 +269,15 @@ impl Cluster {
         }
     }
 
+    /// Sends a command to node `id` and lets twice the ping timeout pass
+    /// (lease waits, rule (b) retries); the answer, if one came by then.
+    pub async fn call_and_wait(&mut self, id: u8, request: Request) -> Option<Response> {
+        let pending = self.call_pending(id, request);
+        self.pump();
+        self.advance(self.ping_timeout() * 2).await;
+        answered(pending)
+    }
+
     /// Starts a command whose answer comes later.
     pub fn call_pending(&mut self, id: u8, request: Request) -> oneshot::Receiver<CoreReply> {
         let (reply, answer) = oneshot::channel();
@@ -422,17 +431,22 @@ impl Cluster {
         if let Some(other) = self.wires.get(&(to, from)) {
             other.link.close("the peer closed the connection");
         }
+        self.session_ended(from, to, session, reason);
+        true
+    }
+
+    /// Node `at` hears that its session `session` with `peer` ended.
+    fn session_ended(&mut self, at: u8, peer: u8, session: u64, reason: String) {
         self.step(
-            from,
+            at,
             Action::Peer(PeerEvent::Closed {
-                peer: to,
+                peer,
                 session,
                 reason,
                 corrupt: false,
                 unconfirmed: Vec::new(),
             }),
         );
-        true
     }
 
     /// Node `id` crashes: its core is gone with everything not on disk,
@@ -452,16 +466,7 @@ impl Cluster {
             if let Some(wire) = self.wires.remove(&(from, to)) {
                 wire.link.close("the node crashed");
                 if from != id && !wire.loss_reported {
-                    self.step(
-                        from,
-                        Action::Peer(PeerEvent::Closed {
-                            peer: to,
-                            session: wire.link.session,
-                            reason: "the peer crashed".into(),
-                            corrupt: false,
-                            unconfirmed: Vec::new(),
-                        }),
-                    );
+                    self.session_ended(from, to, wire.link.session, "the peer crashed".into());
                 }
             }
         }
@@ -641,10 +646,7 @@ async fn a_failed_record_gives_the_vote_back_and_the_witness_follows() {
     // So beta, which never heard of it, can still be promoted with the
     // witness (after the witness's lease wait for alpha).
     cluster.connect(BETA, WITNESS);
-    let pending = cluster.call_pending(BETA, primary());
-    cluster.pump();
-    cluster.advance(cluster.ping_timeout() * 2).await;
-    let answer = answered(pending);
+    let answer = cluster.call_and_wait(BETA, primary()).await;
     assert!(done(&answer), "{answer:?}");
 }
 
@@ -660,10 +662,7 @@ async fn a_connection_whose_role_is_not_reported_yet_counts_as_a_primary() {
     // beta reconnects to the witness, whose view of it is not in yet.
     cluster.hold(BETA, WITNESS);
     cluster.connect(BETA, WITNESS);
-    let pending = cluster.call_pending(ALPHA, primary());
-    cluster.pump();
-    cluster.advance(cluster.ping_timeout() * 2).await;
-    let answer = answered(pending);
+    let answer = cluster.call_and_wait(ALPHA, primary()).await;
     let reason = refusal(&answer);
     assert!(
         reason.contains("beta (its role not yet reported)"),
@@ -744,16 +743,15 @@ async fn a_voter_that_cannot_record_a_generation_does_not_accept_it() {
         .meta
         .set_failing(true);
     // alpha waits out the witness's start hold (beta has not reported).
-    let pending = cluster.call_pending(
-        ALPHA,
-        Request::Primary {
-            force: true,
-            override_quorum: false,
-        },
-    );
-    cluster.pump();
-    cluster.advance(cluster.ping_timeout() * 2).await;
-    let answer = answered(pending);
+    let answer = cluster
+        .call_and_wait(
+            ALPHA,
+            Request::Primary {
+                force: true,
+                override_quorum: false,
+            },
+        )
+        .await;
     assert!(
         refusal(&answer).contains("could not record the new generation on a majority"),
         "{answer:?}"
@@ -802,10 +800,7 @@ async fn a_primary_regaining_quorum_waits_for_a_peers_record_to_settle() {
     cluster.cut(ALPHA, BETA);
     cluster.cut(ALPHA, WITNESS);
     cluster.pump();
-    let pending = cluster.call_pending(BETA, primary());
-    cluster.pump();
-    cluster.advance(cluster.ping_timeout() * 2).await;
-    let answer = answered(pending);
+    let answer = cluster.call_and_wait(BETA, primary()).await;
     assert!(done(&answer), "{answer:?}");
     let beta_generation = cluster.status(BETA).generation;
     // beta loses the witness; alpha wakes up and the witness reconnects to
