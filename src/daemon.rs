@@ -178,7 +178,8 @@ pub async fn up(config: Config, node_name: &str) -> Result<(), DaemonError> {
         set_io_flusher();
         tune_allocator();
         warn_unserved_keys(&config);
-        let meta = MetaStore::open(&config, &me)?;
+        let mut meta = MetaStore::open(&config, &me)?;
+        crate::cluster::abandon_interrupted_generation(&mut meta)?;
         let control = ControlServer::bind(&me.control).await?;
         let clients = Arc::new(Clients::default());
         let mut tasks = Vec::new();

@@ -827,6 +827,11 @@ impl Core {
             discard_my_data: false,
             wrote_in_generation: self.may_have_written(),
             recording_generation: self.generation_change.is_some(),
+            abandoned: sb
+                .abandoned
+                .iter()
+                .map(|a| (a.generation.0, a.parent.0))
+                .collect(),
         }
     }
 

@@ -13,6 +13,7 @@ pub mod lease;
 mod peers;
 pub mod promotion;
 mod roles;
+pub use roles::abandon_interrupted_generation;
 pub mod sync_rules;
 #[cfg(test)]
 mod tests;

@@ -613,26 +613,40 @@ impl Core {
         }
     }
 
-    /// A settled lineage that holds this voter's `known` in its history has
-    /// moved past it: to a successor, or its recorder gave it up (no write
-    /// was acknowledged in it). The vote follows that lineage's current
-    /// generation; kept, a generation whose record failed would make this
-    /// voter refuse every generation of a Primary the majority chose.
+    /// A voter's `known` generation was moved past: a settled lineage holds
+    /// it in its history (a successor, or its recorder went back from it),
+    /// or its recorder reports it abandoned (no write was acknowledged in
+    /// it). The vote follows that lineage's current generation, or the
+    /// abandoned one's parent; kept, a generation whose record failed would
+    /// make this voter refuse every generation of a Primary the majority
+    /// chose.
     fn follow_superseded_vote(&mut self, peer_name: &str, report: &NodeReport) {
         let known = self.meta.superblock().known;
-        let theirs = Generation(report.lineage.current);
         if self.role == Role::Primary
             || self.promotion.is_some()
             || self.generation_change.is_some()
-            || report.recording_generation
             || known == Generation::INITIAL
-            || known == theirs
-            || !report.lineage.history.contains(&known.0)
         {
             return;
         }
-        if self.persist("the superseded vote", |sb| sb.known = theirs) {
-            tracing::info!(peer = %peer_name, from = %known, to = %theirs, "recorded generation superseded in the peer's lineage; this voter follows it");
+        let theirs = Generation(report.lineage.current);
+        let abandoned_parent = report
+            .abandoned
+            .iter()
+            .find(|&&(generation, _)| generation == known.0)
+            .map(|&(_, parent)| Generation(parent));
+        let (to, why) = match abandoned_parent {
+            Some(parent) => (parent, "its recorder abandoned it"),
+            None if !report.recording_generation
+                && known != theirs
+                && report.lineage.history.contains(&known.0) =>
+            {
+                (theirs, "superseded in the peer's lineage")
+            }
+            None => return,
+        };
+        if self.persist("the superseded vote", |sb| sb.known = to) {
+            tracing::info!(peer = %peer_name, from = %known, to = %to, reason = %why, "recorded generation given up; this voter follows");
         }
     }
 

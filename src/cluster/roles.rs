@@ -34,10 +34,46 @@ use crate::config::{OnNoQuorum, QuorumMode};
 use crate::control::protocol::{Request, Response};
 use crate::control::server::CoreReply;
 use crate::meta::superblock::StoredDisk;
+use crate::meta::{MetaError, MetaStore};
 use crate::replication::wire::{Message, WireLineage};
 use crate::vocabulary::generation::{Generation, Lineage, Relation};
 use crate::vocabulary::state::{DiskState, Role};
 use crate::volume::{Gate, Refusal};
+
+/// Before the core starts: a node that stopped while a generation it
+/// started was being recorded goes back to the generation before it. No
+/// write was acknowledged in the new one (writes wait for the record), and
+/// without a majority it was never this cluster's generation: coming back
+/// in it would look like a split-brain to any node promoted meanwhile.
+/// Voters that recorded it hear it was abandoned from this node's reports.
+pub fn abandon_interrupted_generation(meta: &mut MetaStore) -> Result<(), MetaError> {
+    let sb = meta.superblock();
+    let Some(parent) = sb.recording_from else {
+        return Ok(());
+    };
+    let Some((mut lineage, given_up)) = sb.lineage.back_to(parent) else {
+        // The parent fell out of the bounded history: nothing to go back
+        // to. Staying is safe; a peer may then report a split-brain.
+        tracing::warn!(generation = %sb.lineage.current, %parent, "stopped while recording a generation whose parent is no longer in the history; keeping it");
+        return meta.update(|sb| sb.recording_from = None);
+    };
+    let interrupted = sb.lineage.current;
+    tracing::warn!(generation = %interrupted, back_to = %parent, "stopped while recording a new generation: going back to the one before it");
+    meta.update(|sb| {
+        // A peer may have taken it as its data: keep it in the history as a
+        // failed record does (`Lineage::relation_to`).
+        lineage.history.insert(0, interrupted);
+        lineage
+            .history
+            .truncate(crate::vocabulary::generation::MAX_GENERATION_HISTORY);
+        if given_up.contains(&sb.known) {
+            sb.known = parent;
+        }
+        sb.abandon(&given_up, parent);
+        sb.lineage = lineage;
+        sb.recording_from = None;
+    })
+}
 
 /// How often a promotion waiting on rule (b) or a lease asks again.
 const PROMOTION_RETRY: Duration = Duration::from_millis(50);
@@ -450,22 +486,15 @@ impl Core {
         let known_before = self.meta.superblock().known;
         let wrote_before = self.meta.superblock().flags.wrote_in_generation;
         if let Err(e) = self.meta.update(|sb| {
+            // A superseded change keeps the parent it started from.
+            sb.recording_from = sb.recording_from.or(Some(sb.lineage.current));
             sb.lineage.advance(generation);
             sb.known = generation;
             sb.flags.wrote_in_generation = false;
         }) {
             tracing::error!(error = %e, "cannot record a new generation");
             let response = Response::failed(format!("cannot record the new generation: {e}"));
-            for caller in callers {
-                self.answer(
-                    &Request::Primary {
-                        force: false,
-                        override_quorum: false,
-                    },
-                    caller,
-                    response.clone(),
-                );
-            }
+            self.answer_generation_callers(callers, response);
             return;
         }
         tracing::info!(%generation, previous = %previous.current, reason = %reason, "new generation");
@@ -531,6 +560,21 @@ impl Core {
         self.maybe_finish_generation();
     }
 
+    /// Answers the `primary` commands that wait for a generation's record.
+    fn answer_generation_callers(
+        &self,
+        callers: Vec<oneshot::Sender<CoreReply>>,
+        response: Response,
+    ) {
+        let request = Request::Primary {
+            force: false,
+            override_quorum: false,
+        };
+        for caller in callers {
+            self.answer(&request, caller, response.clone());
+        }
+    }
+
     /// A voter answered (or was lost).
     pub(super) fn generation_answer(&mut self, peer: u8, accepted: bool) {
         let Some(change) = &mut self.generation_change else {
@@ -571,6 +615,17 @@ impl Core {
             .map(|&id| self.peer_name(id))
             .collect();
         if accepted.len() >= needed {
+            if !self.persist("the settled generation", |sb| sb.recording_from = None) {
+                // Writes stay held: after a crash this node would go back
+                // to the parent generation and lose what it acknowledged.
+                self.answer_generation_callers(
+                    change.callers,
+                    Response::failed("cannot record the settled generation in the superblock"),
+                );
+                self.needs_generation = true;
+                self.generation_retry_at = Some(tokio::time::Instant::now() + GENERATION_RETRY);
+                return;
+            }
             tracing::info!(generation = %change.generation, recorded_on = %accepted.join(","), reason = %change.reason, "generation recorded");
             self.needs_generation = false;
             if self.role == Role::Primary {
@@ -590,16 +645,7 @@ impl Core {
                 change.generation,
                 accepted.join(", ")
             ));
-            for caller in change.callers {
-                self.answer(
-                    &Request::Primary {
-                        force: false,
-                        override_quorum: false,
-                    },
-                    caller,
-                    response.clone(),
-                );
-            }
+            self.answer_generation_callers(change.callers, response);
             self.send_reports();
             self.re_evaluate_all();
             return;
@@ -624,11 +670,19 @@ impl Core {
         self.persist("the return to the previous generation", |sb| {
             let mut lineage = previous.clone();
             if someone_may_know {
+                // Voters that recorded it hear it was given up, even once
+                // this node's lineage has moved on.
+                let given_up = sb
+                    .lineage
+                    .back_to(previous.current)
+                    .map_or_else(|| vec![failed], |(_, given_up)| given_up);
+                sb.abandon(&given_up, previous.current);
                 lineage.history.insert(0, failed);
                 lineage
                     .history
                     .truncate(crate::vocabulary::generation::MAX_GENERATION_HISTORY);
             }
+            sb.recording_from = None;
             sb.lineage = lineage;
             // No write was acknowledged in the failed generation, so this
             // node need not hold out for it as a voter: kept, it would
@@ -646,16 +700,7 @@ impl Core {
             accepted.join(", ")
         );
         let promoting = !change.callers.is_empty();
-        for caller in change.callers {
-            self.answer(
-                &Request::Primary {
-                    force: false,
-                    override_quorum: false,
-                },
-                caller,
-                Response::refused(refusal.clone()),
-            );
-        }
+        self.answer_generation_callers(change.callers, Response::refused(refusal));
         if promoting && self.role == Role::Primary {
             self.drop_source_resyncs("promotion could not record its generation");
             self.become_secondary("promotion could not record its generation");

@@ -312,6 +312,8 @@ impl MetaStore {
             known: Generation::INITIAL,
             peer_slots,
             al_extents: config.resource.al_extents,
+            recording_from: None,
+            abandoned: Vec::new(),
         };
         let mut store = MetaStore {
             #[cfg(test)]

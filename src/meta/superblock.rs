@@ -12,7 +12,9 @@
 
 use super::layout::{Layout, META_BLOCK_BYTES};
 use crate::config::MAX_NAME_LEN;
-use crate::vocabulary::generation::{Generation, Lineage, MAX_GENERATION_HISTORY};
+use crate::vocabulary::generation::{
+    Abandoned, Generation, Lineage, MAX_ABANDONED, MAX_GENERATION_HISTORY,
+};
 
 pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"HABLK\0SB";
 
@@ -103,6 +105,13 @@ pub struct Superblock {
     pub peer_slots: Vec<PeerSlot>,
     /// Activity log size in extents.
     pub al_extents: u32,
+    /// Set while the current generation is being recorded on the voters:
+    /// the generation to go back to if this node restarts before the
+    /// record settles (no write was acknowledged in the new one yet).
+    pub recording_from: Option<Generation>,
+    /// Generations this node gave up, newest first, at most
+    /// [`MAX_ABANDONED`]: reported, so voters holding one give it back.
+    pub abandoned: Vec<Abandoned>,
 }
 
 /// Why a superblock block was not accepted.
@@ -263,6 +272,16 @@ impl Superblock {
             w.u64(slot.tracking.map_or(0, |g| g.0));
         }
         w.u32(self.al_extents);
+        // Fields added after v1 shipped: a v1 block has zeroes here, which
+        // read as "not recording" and "nothing abandoned".
+        w.u8(u8::from(self.recording_from.is_some()));
+        w.u64(self.recording_from.map_or(0, |g| g.0));
+        assert!(self.abandoned.len() <= MAX_ABANDONED);
+        w.u8(self.abandoned.len() as u8);
+        for entry in &self.abandoned {
+            w.u64(entry.generation.0);
+            w.u64(entry.parent.0);
+        }
         assert!(w.buf.len() <= BLOCK, "superblock overflows its block");
         w.buf.resize(BLOCK, 0);
         let crc = crc32c::crc32c(&w.buf);
@@ -362,6 +381,25 @@ impl Superblock {
             });
         }
         let al_extents = r.u32()?;
+        let recording_from = match r.u8()? {
+            0 => None,
+            1 => Some(Generation(r.u64()?)),
+            _ => return Err(DecodeError::BadField("recording")),
+        };
+        if recording_from.is_none() {
+            r.u64()?;
+        }
+        let abandoned_len = usize::from(r.u8()?);
+        if abandoned_len > MAX_ABANDONED {
+            return Err(DecodeError::BadField("abandoned generations"));
+        }
+        let mut abandoned = Vec::with_capacity(abandoned_len);
+        for _ in 0..abandoned_len {
+            abandoned.push(Abandoned {
+                generation: Generation(r.u64()?),
+                parent: Generation(r.u64()?),
+            });
+        }
         Ok(Superblock {
             seq,
             instance,
@@ -378,7 +416,18 @@ impl Superblock {
             known,
             peer_slots,
             al_extents,
+            recording_from,
+            abandoned,
         })
+    }
+
+    /// Remembers generations given up before a majority recorded them
+    /// (newest first), dropping the oldest beyond [`MAX_ABANDONED`].
+    pub fn abandon(&mut self, given_up: &[Generation], parent: Generation) {
+        for &generation in given_up.iter().rev() {
+            self.abandoned.insert(0, Abandoned { generation, parent });
+        }
+        self.abandoned.truncate(MAX_ABANDONED);
     }
 
     /// Bitmap slot that tracks `peer`, if one is assigned.
@@ -443,6 +492,11 @@ pub(crate) mod tests {
                 })
                 .collect(),
             al_extents: 1237,
+            recording_from: Some(Generation(5)),
+            abandoned: vec![Abandoned {
+                generation: Generation(42),
+                parent: Generation(5),
+            }],
         }
     }
 
@@ -466,6 +520,7 @@ pub(crate) mod tests {
             usize::from(sb.layout.max_peers)
         ];
         sb.lineage.history = vec![Generation(7); MAX_GENERATION_HISTORY];
+        sb.abandoned = vec![sb.abandoned[0]; MAX_ABANDONED];
         sb.resource = "r".repeat(MAX_NAME_LEN);
         sb.node_name = "n".repeat(MAX_NAME_LEN);
         assert_eq!(Superblock::decode(&sb.encode()).unwrap(), sb);

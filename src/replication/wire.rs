@@ -27,9 +27,11 @@ pub enum ProtocolVersion {
     /// A `Pong` says whether it renews the sender's lease (a voter grants
     /// none to a Primary whose generation it has seen superseded).
     V2 = 2,
+    /// A `Report` lists the generations its sender abandoned.
+    V3 = 3,
 }
 
-pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion::V2;
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion::V3;
 
 /// Bytes of frame header: length and crc.
 pub const FRAME_HEADER_BYTES: usize = 8;
@@ -70,6 +72,9 @@ pub struct NodeReport {
     /// Its current generation is not recorded on a majority yet (it may
     /// never be): peers decide nothing on it until it is settled.
     pub recording_generation: bool,
+    /// Generations it gave up before a majority recorded them, as
+    /// (generation, the parent it went back to), newest first.
+    pub abandoned: Vec<(u64, u64)>,
 }
 
 /// A lineage on the wire.
@@ -500,6 +505,7 @@ mod tests {
             discard_my_data: true,
             wrote_in_generation: true,
             recording_generation: true,
+            abandoned: vec![(11, 7)],
         }
     }
 
@@ -706,7 +712,7 @@ mod tests {
         "010101010101010101010101010101010101010101010101010101010101010101",
         "02026e6f",
         "03",
-        "0400050702030007808080800480808080080102010102020100010101",
+        "0400050702030007808080800480808080080102010102020100010101010b07",
         "0501",
         "060101",
         "074d",
@@ -733,7 +739,7 @@ mod tests {
         "1c",
         "1d",
         "1e03",
-        "1f0300050702030007808080800480808080080102010102020100010101fa01",
+        "1f0300050702030007808080800480808080080102010102020100010101010b07fa01",
     ];
 
     #[test]

@@ -18,6 +18,12 @@ use serde::{Serialize, Serializer};
 /// reported split-brain, never a silent overwrite).
 pub const MAX_GENERATION_HISTORY: usize = 64;
 
+/// At most this many abandoned generations are remembered (see
+/// [`Abandoned`]). One is added per failed record; a voter still holding
+/// one this old has been away for that many failed promotions, and is
+/// told again by the next report of a lineage that moved past it.
+pub const MAX_ABANDONED: usize = 8;
+
 /// One line of data history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Generation(pub u64);
@@ -57,6 +63,18 @@ pub struct Lineage {
     pub history: Vec<Generation>,
 }
 
+/// A generation its recorder gave up before a majority recorded it (the
+/// record failed, or the recorder crashed while recording). No write was
+/// acknowledged in it, so a voter that recorded it may give the vote back
+/// and follow `parent`, the generation the recorder went back to. Kept
+/// apart from the lineage: the recorder may later take another node's
+/// lineage whole, and the voters must still hear that this one is dead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Abandoned {
+    pub generation: Generation,
+    pub parent: Generation,
+}
+
 /// How two lineages relate, from the point of view of `self`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Relation {
@@ -89,6 +107,19 @@ impl Lineage {
         self.history.insert(0, self.current);
         self.history.truncate(MAX_GENERATION_HISTORY);
         self.current = next;
+    }
+
+    /// The lineage as it was at `parent`, an ancestor, and the ids after
+    /// it, newest first. `None` if `parent` is not in this lineage.
+    pub fn back_to(&self, parent: Generation) -> Option<(Lineage, Vec<Generation>)> {
+        let depth = self.history.iter().position(|&g| g == parent)?;
+        let mut given_up = vec![self.current];
+        given_up.extend_from_slice(&self.history[..depth]);
+        let lineage = Lineage {
+            current: parent,
+            history: self.history[depth + 1..].to_vec(),
+        };
+        Some((lineage, given_up))
     }
 
     pub fn relation_to(&self, other: &Lineage) -> Relation {
@@ -146,6 +177,19 @@ mod tests {
         };
         assert_eq!(recorder.relation_to(&peer), Relation::Equal);
         assert_eq!(peer.relation_to(&recorder), Relation::Equal);
+    }
+
+    #[test]
+    fn back_to_a_parent() {
+        let mut lineage = Lineage::initial();
+        lineage.advance(Generation(5));
+        let parent = lineage.clone();
+        lineage.advance(Generation(6));
+        lineage.advance(Generation(7));
+        let (back, given_up) = lineage.back_to(Generation(5)).unwrap();
+        assert_eq!(given_up, vec![Generation(7), Generation(6)]);
+        assert_eq!(back, parent);
+        assert!(lineage.back_to(Generation(99)).is_none());
     }
 
     proptest! {
