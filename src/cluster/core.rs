@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::lease::{Lease, StartHold};
 use super::peers::PeerState;
+use super::phase::{PhaseKind, RolePhase};
 use super::promotion;
 use crate::config::{Config, Node, QuorumMode};
 use crate::control::events::{ObjectKey, ObjectKind, ObjectTracker};
@@ -200,11 +201,16 @@ pub struct Core {
     tick: tokio::time::Interval,
     pub(super) session_config: SessionConfig,
     pub(super) disk_failed: Arc<AtomicBool>,
-    pub(super) role: Role,
+    /// The role and where it stands; changed only by `set_phase`.
+    pub(super) phase: RolePhase,
     pub(super) disk: DiskState,
     pub(super) peers: BTreeMap<u8, PeerState>,
+    /// A demotion's callers, answered once clients are drained and the
+    /// disk flushed (`down` stops the node then).
     pub(super) demotion: Option<Demotion>,
-    pub(super) promotion: Option<Promotion>,
+    /// A generation being recorded. Not part of the phase: a record goes
+    /// on after its Primary starts demoting or steps down, and its outcome
+    /// still decides the lineage.
     pub(super) generation_change: Option<GenerationChange>,
     pub(super) lease: Arc<Lease>,
     /// As a voter: back no new Primary before this time (lease wait).
@@ -215,14 +221,6 @@ pub struct Core {
     pub(super) known_from: Option<(u8, Generation)>,
     /// Promoted with --override-quorum and quorum has not come back.
     pub(super) quorum_overridden: bool,
-    /// The Primary applied its no-quorum policy.
-    pub(super) no_quorum: bool,
-    /// The Primary must record a new generation before acknowledging.
-    pub(super) needs_generation: bool,
-    /// A Primary whose new generation was refused tries again no sooner
-    /// than this: every voter may refuse for a while (one promoting), and
-    /// each try costs two superblock writes.
-    pub(super) generation_retry_at: Option<tokio::time::Instant>,
     /// Promoted by an NBD client attaching (auto-promote).
     pub(super) auto_promoted: bool,
     /// When to demote after the last auto-promote client left.
@@ -316,20 +314,16 @@ impl Core {
             tick,
             session_config,
             disk_failed: parts.disk_failed,
-            role: Role::Secondary,
+            phase: RolePhase::Secondary,
             disk,
             peers,
             demotion: None,
-            promotion: None,
             generation_change: None,
             lease: parts.lease,
             lease_hold_until: 0,
             start_hold,
             known_from: None,
             quorum_overridden: false,
-            no_quorum: false,
-            needs_generation: false,
-            generation_retry_at: None,
             auto_promoted: false,
             auto_demote_at: None,
             ticks: 0,
@@ -530,19 +524,19 @@ impl Core {
             ))));
             return;
         }
-        if self.role == Role::Primary && self.generation_change.is_none() {
+        if self.phase.kind() == PhaseKind::Serving {
             let _ = reply.send(CoreReply::Response(Response::done("already Primary")));
             return;
         }
         tracing::info!("auto-promote: an NBD client is attaching");
         self.promote(false, false, reply);
-        if let Some(promotion) = &mut self.promotion {
+        if let RolePhase::Promoting(promotion) = &mut self.phase {
             promotion.auto = true;
         }
     }
 
     fn clients_changed(&mut self, attached: usize) {
-        self.auto_demote_at = (attached == 0 && self.auto_promoted && self.role == Role::Primary)
+        self.auto_demote_at = (attached == 0 && self.auto_promoted && self.role() == Role::Primary)
             .then(|| tokio::time::Instant::now() + AUTO_DEMOTE_DELAY);
     }
 
@@ -552,7 +546,7 @@ impl Core {
             .is_some_and(|at| tokio::time::Instant::now() >= at);
         if due {
             self.auto_demote_at = None;
-            if self.auto_promoted && self.role == Role::Primary && self.clients.count() == 0 {
+            if self.auto_promoted && self.role() == Role::Primary && self.clients.count() == 0 {
                 tracing::info!("auto-promote: the last NBD client left; demoting");
                 self.begin_demotion(false, None, false);
             }
@@ -588,7 +582,7 @@ impl Core {
                 override_quorum,
             } => self.promote(force, override_quorum, reply),
             Request::Secondary { force } => {
-                if self.role != Role::Primary && self.demotion.is_none() {
+                if self.role() != Role::Primary {
                     self.answer(
                         &request,
                         reply,
@@ -637,7 +631,7 @@ impl Core {
     /// Primary its quorum (it would stop acknowledging writes). Judged on
     /// the connections the Primary last reported.
     fn primary_quorum_refusal(&self, force: bool) -> Option<Response> {
-        if force || self.config.resource.quorum == QuorumMode::Off || self.role == Role::Primary {
+        if force || self.config.resource.quorum == QuorumMode::Off || self.role() == Role::Primary {
             return None;
         }
         let needed = promotion::majority(self.config.nodes.len());
@@ -790,24 +784,49 @@ impl Core {
         }
     }
 
+    pub(super) fn role(&self) -> Role {
+        self.phase.role()
+    }
+
+    /// Primary in any phase, or asking to become one.
+    pub(super) fn primary_or_promoting(&self) -> bool {
+        self.phase.kind() != PhaseKind::Secondary
+    }
+
+    /// The one place the role's phase changes. A transition hablk never
+    /// makes is a broken invariant: the node stops (in release builds too)
+    /// rather than act on a role it should not hold. Returns the phase
+    /// left, with its data.
+    pub(super) fn set_phase(&mut self, next: RolePhase, why: &str) -> RolePhase {
+        let (from, to) = (self.phase.kind(), next.kind());
+        assert!(
+            from.may_become(to),
+            "role phase {from:?} -> {to:?} ({why}) is not a transition hablk makes"
+        );
+        if from != to {
+            tracing::info!(from = ?from, to = ?to, reason = why, "role phase changed");
+        }
+        std::mem::replace(&mut self.phase, next)
+    }
+
     /// Whether this node may have acknowledged writes in its current data
     /// generation (it wrote, or it crashed while Primary).
     pub(super) fn may_have_written(&self) -> bool {
         let flags = self.meta.superblock().flags;
-        flags.wrote_in_generation || (flags.primary_crashed && self.role != Role::Primary)
+        flags.wrote_in_generation || (flags.primary_crashed && self.role() != Role::Primary)
     }
 
     /// This node's state as its peers see it.
     pub(super) fn report(&self) -> NodeReport {
         let sb = self.meta.superblock();
         NodeReport {
-            role: self.role,
+            role: self.role(),
             disk: self.disk,
             lineage: WireLineage::from(&sb.lineage),
             known: sb.known.0,
             data_size_bytes: sb.data_size_bytes,
             capacity_bytes: sb.layout.data_capacity_bytes,
-            primary_crashed: sb.flags.primary_crashed && self.role != Role::Primary,
+            primary_crashed: sb.flags.primary_crashed && self.role() != Role::Primary,
             connections: self
                 .peers
                 .values()
@@ -846,9 +865,9 @@ impl Core {
         Status {
             resource: self.config.resource.name.clone(),
             node: self.me.name.clone(),
-            role: self.role,
+            role: self.role(),
             disk: self.disk,
-            quorum: self.quorum() && (self.role != Role::Primary || backed),
+            quorum: self.quorum() && (self.role() != Role::Primary || backed),
             generation: sb.lineage.current.into(),
             known_generation: sb.known.into(),
             size_bytes: match (self.me.is_data(), sb.data_size_bytes) {

@@ -11,6 +11,7 @@
 pub mod core;
 pub mod lease;
 mod peers;
+mod phase;
 pub mod promotion;
 mod roles;
 pub use roles::abandon_interrupted_generation;

@@ -442,7 +442,7 @@ impl Core {
         // starts a new one before it acknowledges another write, so the
         // lost peer can never pass for current. (A peer already behind is
         // told apart by its older generation.)
-        if self.role == Role::Primary
+        if self.role() == Role::Primary
             && was_data
             && peer_generation == Some(self.meta.superblock().lineage.current)
         {
@@ -622,8 +622,7 @@ impl Core {
     /// chose.
     fn follow_superseded_vote(&mut self, peer_name: &str, report: &NodeReport) {
         let known = self.meta.superblock().known;
-        if self.role == Role::Primary
-            || self.promotion.is_some()
+        if self.primary_or_promoting()
             || self.generation_change.is_some()
             || known == Generation::INITIAL
         {
@@ -651,6 +650,7 @@ impl Core {
     }
 
     fn on_report(&mut self, peer: u8, report: NodeReport) {
+        let (disk_before, role_before) = (self.disk, self.role());
         let Some(state) = self.peers.get_mut(&peer) else {
             return;
         };
@@ -658,7 +658,6 @@ impl Core {
         let peer_is_data = state.node.is_data();
         let old = state.report.replace(report.clone());
         self.start_hold.heard(peer);
-        let (disk_before, role_before) = (self.disk, self.role);
         if old.as_ref().is_some_and(|o| o.role == Role::Primary) && report.role != Role::Primary {
             // A clean demotion: its lease ended with it.
             state.left_cleanly = true;
@@ -713,7 +712,7 @@ impl Core {
             }
         }
         // A Primary that meets newer data gives up the role at once.
-        if self.role == Role::Primary && peer_is_data {
+        if self.role() == Role::Primary && peer_is_data {
             let theirs: Lineage = (&report.lineage).into();
             if self.meta.superblock().lineage.relation_to(&theirs) == Relation::Older
                 && report.disk == DiskState::UpToDate
@@ -752,7 +751,7 @@ impl Core {
             if was_target {
                 tracing::warn!(peer = %name, "peer's disk failed: replicating without it");
                 self.refresh_targets();
-                if self.role == Role::Primary {
+                if self.role() == Role::Primary {
                     self.start_generation(format!("data peer {name} lost its disk"), Vec::new());
                 }
             }
@@ -761,7 +760,7 @@ impl Core {
         if role_changed {
             self.refresh_refusal();
         }
-        let my_state_changed = self.disk != disk_before || self.role != role_before;
+        let my_state_changed = self.disk != disk_before || self.role() != role_before;
         if first || my_state_changed {
             // Peers learn our view of the new connection, and our resolved
             // state, before any resync this report leads to.
@@ -873,7 +872,7 @@ impl Core {
             && report.disk == DiskState::UpToDate
             && self.disk == DiskState::UpToDate
             && !report.needs_full_sync
-            && (self.role != Role::Primary || state.receives_writes);
+            && (self.role() != Role::Primary || state.receives_writes);
         if still_in_sync {
             return;
         }
@@ -901,7 +900,7 @@ impl Core {
             // neither wrote, the higher id yields.
             let i_yield = !i_wrote && (peer_wrote || self.me.id > peer);
             if !i_wrote || !peer_wrote {
-                if i_yield && self.role != Role::Primary {
+                if i_yield && self.role() != Role::Primary {
                     tracing::warn!(peer = %name, "split-brain with {name}: this node wrote nothing since the split; discarding its data (after-split-brain = discard-zero-changes)");
                     if let Some(state) = self.peers.get_mut(&peer) {
                         state.discard_my_data = true;
@@ -1063,15 +1062,14 @@ impl Core {
         if !agreed
             || other_source
             || other_primary
-            || self.role == Role::Primary
-            || self.promotion.is_some()
+            || self.primary_or_promoting()
             || self.disk == DiskState::Diskless
         {
             let reason = format!(
                 "{} will not be a resync target of {} now (role {}, generation {})",
                 self.me.name,
                 self.peer_name(peer),
-                self.role,
+                self.role(),
                 self.meta.superblock().lineage.current
             );
             tracing::info!(peer = %self.peer_name(peer), "resync refused: the source's view of this node is stale");
@@ -1155,7 +1153,7 @@ impl Core {
         let (Some(tracker), Some(volume)) = (self.tracker.clone(), self.volume.clone()) else {
             return;
         };
-        let is_primary = self.role == Role::Primary;
+        let is_primary = self.role() == Role::Primary;
         let data_bytes = self.data_bytes();
         let rate = self.config.resource.resync_rate_bytes_per_sec;
         let internal = self.internal_tx.clone();
@@ -1205,7 +1203,7 @@ impl Core {
     pub(super) fn sync_done(&mut self, peer: u8, session: u64, result: Result<(), SyncError>) {
         let lineage = WireLineage::from(&self.meta.superblock().lineage);
         let generation = self.meta.superblock().lineage.current;
-        let primary = self.role == Role::Primary;
+        let primary = self.role() == Role::Primary;
         let Some(state) = self.peers.get_mut(&peer) else {
             return;
         };
@@ -1266,7 +1264,7 @@ impl Core {
             .get(&peer)
             .and_then(|p| p.sync.as_ref())
             .is_some_and(|r| !r.source && !r.verify);
-        if !expected || self.role == Role::Primary {
+        if !expected || self.role() == Role::Primary {
             tracing::info!(peer = %self.peer_name(peer), "ignoring SyncEnd: this node is not its resync target; reconnecting to decide again");
             self.close_link(peer, "a SyncEnd this node cannot take");
             return;
@@ -1347,7 +1345,7 @@ impl Core {
         let sb = self.meta.superblock();
         // A Primary, or a node in the middle of its own promotion, never
         // backs another node's generation: that would be a second Primary.
-        let competing = self.role == Role::Primary || self.promotion.is_some();
+        let competing = self.primary_or_promoting();
         let successor = new.contains(sb.known);
         let leased_to = if competing || !successor {
             None
@@ -1465,7 +1463,7 @@ impl Core {
             }
             let why = if self.disk != DiskState::UpToDate {
                 "this node's disk is no longer UpToDate"
-            } else if self.role != Role::Primary && self.other_primary_connected(id) {
+            } else if self.role() != Role::Primary && self.other_primary_connected(id) {
                 "a Primary is connected: only it may be a resync source"
             } else {
                 continue;
@@ -1496,7 +1494,7 @@ impl Core {
         let targets: Vec<Arc<PeerLink>> = self
             .peers
             .values()
-            .filter(|p| p.receives_writes && self.role == Role::Primary)
+            .filter(|p| p.receives_writes && self.role() == Role::Primary)
             .filter_map(|p| p.link.clone())
             .collect();
         let zero_fast = self
@@ -1533,7 +1531,7 @@ impl Core {
             Ok(ids) => ids,
             Err(response) => return *response,
         };
-        if discard_my_data && self.role == Role::Primary {
+        if discard_my_data && self.role() == Role::Primary {
             return Response::refused(
                 "refused: a Primary cannot discard its data; demote it first",
             );
@@ -1687,7 +1685,7 @@ impl Core {
     }
 
     pub(super) fn invalidate(&mut self) -> Response {
-        if self.role == Role::Primary {
+        if self.role() == Role::Primary {
             return Response::refused(
                 "refused: a Primary cannot invalidate its own data; demote it first",
             );
@@ -1825,7 +1823,7 @@ impl Core {
 
     fn on_skip_sync(&mut self, peer: u8, generation: Generation, token: u64) {
         let ok = self.meta.superblock().lineage.current == Generation::INITIAL
-            && self.role != Role::Primary;
+            && self.role() != Role::Primary;
         let ok = ok
             && match self.adopt_skipped_sync(generation) {
                 Ok(()) => true,

@@ -29,6 +29,7 @@ use tokio::sync::oneshot;
 
 use super::core::{Core, Demotion, GenerationChange, Promotion, Stopped};
 use super::lease::{self, now_nanos};
+use super::phase::{PrimaryPhase, RolePhase};
 use super::promotion::{self, PromotionInput, PromotionRefusal};
 use crate::config::{OnNoQuorum, QuorumMode};
 use crate::control::protocol::{Request, Response};
@@ -91,7 +92,7 @@ impl Core {
             force,
             override_quorum,
         };
-        if self.role == Role::Primary && self.demotion.is_none() {
+        if matches!(self.phase, RolePhase::Primary(_)) {
             if let Some(change) = &mut self.generation_change {
                 change.callers.push(reply);
                 return;
@@ -127,13 +128,13 @@ impl Core {
             self.answer(&request, reply, Response::refused(refusal));
             return;
         }
-        if let Some(promotion) = &mut self.promotion {
+        if let RolePhase::Promoting(promotion) = &mut self.phase {
             promotion.callers.push(reply);
             promotion.force |= force;
             promotion.override_quorum |= override_quorum;
             return;
         }
-        self.promotion = Some(Promotion {
+        let promotion = Promotion {
             token: 0,
             force,
             override_quorum,
@@ -144,7 +145,8 @@ impl Core {
             retry_at: None,
             auto: false,
             known_at_start: self.meta.superblock().known,
-        });
+        };
+        self.set_phase(RolePhase::Promoting(promotion), "primary asked for");
         self.promotion_round();
     }
 
@@ -160,7 +162,7 @@ impl Core {
                 }
             }
         }
-        let Some(promotion) = &mut self.promotion else {
+        let RolePhase::Promoting(promotion) = &mut self.phase else {
             return;
         };
         promotion.token = token;
@@ -172,7 +174,7 @@ impl Core {
 
     /// A node answered a promotion query.
     pub(super) fn promote_reply(&mut self, peer: u8, token: u64, lease_wait_ms: u64) {
-        let Some(promotion) = &mut self.promotion else {
+        let RolePhase::Promoting(promotion) = &mut self.phase else {
             return;
         };
         if promotion.token != token {
@@ -185,7 +187,7 @@ impl Core {
 
     /// A node we were asking is gone.
     pub(super) fn promotion_peer_lost(&mut self, peer: u8) {
-        if let Some(promotion) = &mut self.promotion {
+        if let RolePhase::Promoting(promotion) = &mut self.phase {
             promotion.waiting.retain(|&p| p != peer);
             self.evaluate_promotion();
         }
@@ -193,7 +195,7 @@ impl Core {
 
     /// Checks the rules once every connected node answered.
     fn evaluate_promotion(&mut self) {
-        let Some(promotion) = &self.promotion else {
+        let RolePhase::Promoting(promotion) = &self.phase else {
             return;
         };
         if !promotion.waiting.is_empty() || promotion.retry_at.is_some() {
@@ -207,7 +209,7 @@ impl Core {
         if self.meta.superblock().known != promotion.known_at_start {
             // Another node recorded a generation while this one asked
             // around: its answers are stale. Give up; the caller may retry.
-            if let Some(promotion) = self.promotion.take() {
+            if let Some(promotion) = self.end_promotion("another node was promoted meanwhile") {
                 let refusal = Response::refused(format!(
                     "refused: {} recorded another node's new generation while promoting; \
                      another node was promoted — check `hablk status`",
@@ -266,7 +268,7 @@ impl Core {
                 self.retry_promotion(PROMOTION_RETRY);
             }
             Err((reason, _)) => {
-                if let Some(promotion) = self.promotion.take() {
+                if let Some(promotion) = self.end_promotion("refused") {
                     for caller in promotion.callers {
                         self.answer(
                             &Request::Primary {
@@ -286,30 +288,38 @@ impl Core {
                 );
                 self.retry_promotion(Duration::from_millis(lease_wait_ms));
             }
-            Ok(()) => {
-                if let Some(promotion) = self.promotion.take() {
-                    self.auto_promoted = promotion.auto;
-                    self.become_primary(force, override_quorum, promotion.callers);
-                }
-            }
+            Ok(()) => self.become_primary(force, override_quorum),
         }
     }
 
     fn retry_promotion(&mut self, after: Duration) {
-        if let Some(promotion) = &mut self.promotion {
+        if let RolePhase::Promoting(promotion) = &mut self.phase {
             promotion.retry_at = Some(tokio::time::Instant::now() + after);
         }
     }
 
     /// The tick: a promotion whose retry time came asks again.
     pub(super) fn promotion_tick(&mut self) {
-        let due = self
-            .promotion
-            .as_ref()
-            .and_then(|p| p.retry_at)
-            .is_some_and(|at| tokio::time::Instant::now() >= at);
-        if due {
+        let RolePhase::Promoting(promotion) = &self.phase else {
+            return;
+        };
+        if promotion
+            .retry_at
+            .is_some_and(|at| tokio::time::Instant::now() >= at)
+        {
             self.promotion_round();
+        }
+    }
+
+    /// A promotion that ends without the role: back to Secondary, with
+    /// its callers to answer.
+    fn end_promotion(&mut self, why: &str) -> Option<Promotion> {
+        if !matches!(self.phase, RolePhase::Promoting(_)) {
+            return None;
+        }
+        match self.set_phase(RolePhase::Secondary, why) {
+            RolePhase::Promoting(promotion) => Some(promotion),
+            _ => None,
         }
     }
 
@@ -322,12 +332,7 @@ impl Core {
     }
 
     /// All rules passed: take the role and record the new generation.
-    fn become_primary(
-        &mut self,
-        force: bool,
-        override_quorum: bool,
-        callers: Vec<oneshot::Sender<CoreReply>>,
-    ) {
+    fn become_primary(&mut self, force: bool, override_quorum: bool) {
         let request = Request::Primary {
             force,
             override_quorum,
@@ -353,8 +358,10 @@ impl Core {
                     self.config.path.display(),
                     self.me.name
                 ));
-                for caller in callers {
-                    self.answer(&request, caller, response.clone());
+                if let Some(promotion) = self.end_promotion("the configured size does not fit") {
+                    for caller in promotion.callers {
+                        self.answer(&request, caller, response.clone());
+                    }
                 }
                 return;
             }
@@ -372,13 +379,22 @@ impl Core {
             }
         }) {
             let response = Response::failed(format!("cannot record the promotion: {e}"));
-            for caller in callers {
-                self.answer(&request, caller, response.clone());
+            if let Some(promotion) = self.end_promotion("the promotion could not be recorded") {
+                for caller in promotion.callers {
+                    self.answer(&request, caller, response.clone());
+                }
             }
             return;
         }
         self.set_disk(DiskState::UpToDate, "promoted");
-        self.role = Role::Primary;
+        let callers = match self.set_phase(RolePhase::Primary(PrimaryPhase::Recording), "promoted")
+        {
+            RolePhase::Promoting(promotion) => {
+                self.auto_promoted = promotion.auto;
+                promotion.callers
+            }
+            _ => Vec::new(),
+        };
         self.quorum_overridden = override_quorum
             && self.config.resource.quorum == QuorumMode::Majority
             && !self.quorum();
@@ -501,12 +517,17 @@ impl Core {
         if let Some(volume) = &self.volume {
             volume.reset_wrote();
         }
-        if let (Some(volume), Role::Primary) = (&self.volume, self.role) {
-            let size_bytes = self.meta.superblock().data_size_bytes;
-            volume.set_gate(Gate::Held {
-                size_bytes,
-                reason: "recording a new generation".into(),
-            });
+        // A demoting Primary records too (its lost peer must not pass for
+        // current), but its gate stays closed.
+        if matches!(self.phase, RolePhase::Primary(_)) {
+            self.set_phase(RolePhase::Primary(PrimaryPhase::Recording), &reason);
+            if let Some(volume) = &self.volume {
+                let size_bytes = self.meta.superblock().data_size_bytes;
+                volume.set_gate(Gate::Held {
+                    size_bytes,
+                    reason: "recording a new generation".into(),
+                });
+            }
         }
         let token = self.next_token;
         self.next_token += 1;
@@ -622,13 +643,11 @@ impl Core {
                     change.callers,
                     Response::failed("cannot record the settled generation in the superblock"),
                 );
-                self.needs_generation = true;
-                self.generation_retry_at = Some(tokio::time::Instant::now() + GENERATION_RETRY);
+                self.retry_generation_later("its record could not be made durable");
                 return;
             }
             tracing::info!(generation = %change.generation, recorded_on = %accepted.join(","), reason = %change.reason, "generation recorded");
-            self.needs_generation = false;
-            if self.role == Role::Primary {
+            if self.role() == Role::Primary {
                 // Every peer that took the generation as its data must get
                 // every write acknowledged in it.
                 for id in &change.adopted {
@@ -637,6 +656,12 @@ impl Core {
                     }
                 }
                 self.refresh_targets();
+            }
+            if matches!(self.phase, RolePhase::Primary(_)) {
+                self.set_phase(
+                    RolePhase::Primary(PrimaryPhase::Serving),
+                    "generation recorded",
+                );
                 self.open_gate();
             }
             let response = Response::done(format!(
@@ -701,13 +726,11 @@ impl Core {
         );
         let promoting = !change.callers.is_empty();
         self.answer_generation_callers(change.callers, Response::refused(refusal));
-        if promoting && self.role == Role::Primary {
+        if promoting && self.role() == Role::Primary {
             self.drop_source_resyncs("promotion could not record its generation");
             self.become_secondary("promotion could not record its generation");
-        } else if self.role == Role::Primary {
-            self.needs_generation = true;
-            self.generation_retry_at = Some(tokio::time::Instant::now() + GENERATION_RETRY);
-            self.apply_no_quorum();
+        } else {
+            self.retry_generation_later("its new generation was not recorded on a majority");
         }
         self.send_reports();
         self.re_evaluate_all();
@@ -740,18 +763,28 @@ impl Core {
             }),
             OnNoQuorum::SuspendIo => volume.set_gate(Gate::Held { size_bytes, reason }),
         }
-        if !self.no_quorum {
-            tracing::warn!(policy = ?self.config.resource.on_no_quorum, "Primary lost quorum: no write is acknowledged until it returns");
+    }
+
+    /// A Primary whose generation is not backed by a majority: writes fail
+    /// or wait (`on-no-quorum`) until a new one is recorded, tried again
+    /// after a pause (every voter may refuse for a while, one of them
+    /// promoting, and each try costs two superblock writes).
+    fn retry_generation_later(&mut self, why: &str) {
+        if matches!(self.phase, RolePhase::Primary(_)) {
+            let retry_at = Some(tokio::time::Instant::now() + GENERATION_RETRY);
+            self.set_phase(
+                RolePhase::Primary(PrimaryPhase::WithoutQuorum { retry_at }),
+                why,
+            );
+            self.apply_no_quorum();
         }
-        self.no_quorum = true;
     }
 
     /// After every step: a Primary whose quorum went or came back.
     pub(super) fn check_quorum(&mut self) {
-        if self.role != Role::Primary || self.demotion.is_some() {
-            self.no_quorum = false;
+        let RolePhase::Primary(phase) = self.phase else {
             return;
-        }
+        };
         let quorum = self.quorum();
         if quorum && self.quorum_overridden && self.config.resource.quorum == QuorumMode::Majority {
             tracing::info!("quorum is back: --override-quorum no longer in effect");
@@ -759,8 +792,12 @@ impl Core {
         }
         let effective = quorum || self.quorum_overridden;
         if !effective {
-            if self.generation_change.is_none() {
-                self.needs_generation = true;
+            if phase == PrimaryPhase::Serving {
+                tracing::warn!(policy = ?self.config.resource.on_no_quorum, "Primary lost quorum: no write is acknowledged until it returns");
+                let lost = PrimaryPhase::WithoutQuorum { retry_at: None };
+                self.set_phase(RolePhase::Primary(lost), "quorum lost");
+            }
+            if phase != PrimaryPhase::Recording {
                 self.apply_no_quorum();
             }
             return;
@@ -773,14 +810,11 @@ impl Core {
             .peers
             .values()
             .any(|p| p.connected() && p.report.as_ref().map_or(true, |r| r.recording_generation));
-        let retry_due = self
-            .generation_retry_at
-            .map_or(true, |at| tokio::time::Instant::now() >= at);
-        if (self.no_quorum || self.needs_generation)
-            && self.generation_change.is_none()
-            && !reports_pending
-            && retry_due
-        {
+        let PrimaryPhase::WithoutQuorum { retry_at } = phase else {
+            return;
+        };
+        let retry_due = retry_at.map_or(true, |at| tokio::time::Instant::now() >= at);
+        if self.generation_change.is_none() && !reports_pending && retry_due {
             if let Some(who) = self.newer_generation_seen() {
                 tracing::error!(peer = %who, "quorum is back, but a newer generation exists: stepping down");
                 self.become_secondary("a newer generation exists");
@@ -789,8 +823,6 @@ impl Core {
             tracing::info!(
                 "quorum is back: recording a new generation before acknowledging writes"
             );
-            self.no_quorum = false;
-            self.generation_retry_at = None;
             self.start_generation("quorum returned".into(), Vec::new());
         }
     }
@@ -816,6 +848,9 @@ impl Core {
             return;
         }
         self.close_gate(Refusal::ShuttingDown);
+        if self.role() == Role::Primary {
+            self.set_phase(RolePhase::Demoting, "demotion asked for");
+        }
         let (waiting, stop_reply) = match (stop, reply) {
             (true, reply) => (Vec::new(), reply),
             (false, reply) => (reply.into_iter().collect(), None),
@@ -882,14 +917,11 @@ impl Core {
 
     /// Drops the Primary role (demotion, or meeting newer data).
     pub(super) fn become_secondary(&mut self, why: &str) {
-        if self.role != Role::Primary {
+        if self.role() != Role::Primary {
             return;
         }
-        tracing::info!(reason = why, "becoming Secondary");
-        self.role = Role::Secondary;
+        self.set_phase(RolePhase::Secondary, why);
         self.quorum_overridden = false;
-        self.no_quorum = false;
-        self.needs_generation = false;
         self.auto_promoted = false;
         if let Some(volume) = &self.volume {
             volume.set_targets(Vec::new(), true);
@@ -909,7 +941,7 @@ impl Core {
         force: bool,
         reply: Option<oneshot::Sender<CoreReply>>,
     ) -> Option<Stopped> {
-        if self.role == Role::Primary || self.demotion.is_some() {
+        if self.role() == Role::Primary || self.demotion.is_some() {
             self.begin_demotion(force, reply, true);
             return None;
         }
@@ -966,7 +998,7 @@ impl Core {
             .values()
             .filter_map(|p| p.link.clone().filter(|l| !l.is_closed()))
             .collect();
-        let enforce = self.role == Role::Primary
+        let enforce = self.role() == Role::Primary
             && self.config.resource.quorum == QuorumMode::Majority
             && !self.quorum_overridden;
         let needed = promotion::majority(self.config.nodes.len()).saturating_sub(1);

@@ -730,6 +730,28 @@ async fn a_node_that_stops_while_recording_comes_back_in_the_generation_before()
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_demoting_primary_keeps_its_gate_closed_when_a_record_settles() {
+    let mut cluster = in_sync_cluster().await;
+    assert!(done(&cluster.call(ALPHA, primary())));
+    // alpha loses beta (rule A) while the witness's answer is slow, and is
+    // asked to demote before the new generation is recorded.
+    cluster.hold(WITNESS, ALPHA);
+    cluster.cut(ALPHA, BETA);
+    cluster.pump();
+    let demoted = cluster.call_pending(ALPHA, Request::Secondary { force: false });
+    assert!(matches!(cluster.gate(ALPHA), Gate::Closed { .. }));
+    cluster.release(WITNESS, ALPHA);
+    assert!(
+        matches!(cluster.gate(ALPHA), Gate::Closed { .. }),
+        "the record reopened a demoting Primary: {:?}",
+        cluster.gate(ALPHA)
+    );
+    cluster.next_background(ALPHA).await;
+    assert!(done(&answered(demoted)));
+    assert_eq!(cluster.status(ALPHA).role, Role::Secondary);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_connection_whose_role_is_not_reported_yet_counts_as_a_primary() {
     let mut cluster = in_sync_cluster().await;
     assert!(done(&cluster.call(BETA, primary())));
