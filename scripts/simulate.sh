@@ -38,11 +38,12 @@ TEST="cluster::tests::random_histories_of_the_real_engine_are_safe_and_heal"
 per_job=$(( (HISTORIES + JOBS - 1) / JOBS ))
 step "$HISTORIES histories in $JOBS jobs from seed $FIRST"
 started=$(date +%s)
+outputs=$(mktemp -d)
+trap 'rm -rf "$outputs"' EXIT
 pids=()
 for ((job = 0; job < JOBS; job++)); do
     ENGINE_SIM_FIRST_SEED=$((FIRST + job * per_job)) ENGINE_SIM_HISTORIES=$per_job \
-        cargo test --lib --quiet -- --exact "$TEST" --nocapture 2>&1 |
-        grep -E "histories|seed|panicked" &
+        cargo test --lib --quiet -- --exact "$TEST" --nocapture >"$outputs/$job" 2>&1 &
     pids+=($!)
 done
 status=0
@@ -50,8 +51,14 @@ for pid in "${pids[@]}"; do
     wait "$pid" || status=1
 done
 elapsed=$(( $(date +%s) - started ))
+grep -hE "histories \(|seed .*replays|panicked" "$outputs"/* || true
 if [[ $status -ne 0 ]]; then
     die "a history failed (its seed and replay command are above)"
 fi
 total=$((per_job * JOBS))
 log "$total histories, 0 violations, in ${elapsed}s ($(( total / (elapsed > 0 ? elapsed : 1) )) per second on $JOBS jobs)"
+log "transitions made, all jobs (machine: from -> to: times):"
+# Lines look like "  phase: Serving -> Recording: 26 (why it may be 0)".
+grep -hE '^  (phase|disk): ' "$outputs"/* |
+    awk -F': ' '{ key = $1 ": " $2; split($3, n, " "); sum[key] += n[1]; if (!(key in order)) { order[key] = ++count; keys[count] = key } }
+        END { for (i = 1; i <= count; i++) printf "%s: %d\n", keys[i], sum[keys[i]] }' >&2

@@ -496,6 +496,8 @@ impl Core {
             "disk state {from} -> {to} is not allowed ({why})"
         );
         tracing::info!(%from, %to, reason = why, "disk state changed");
+        #[cfg(test)]
+        super::tests::count_transition("disk", format!("{from}"), format!("{to}"));
         self.disk = to;
     }
 
@@ -805,6 +807,8 @@ impl Core {
         );
         if from != to {
             tracing::info!(from = ?from, to = ?to, reason = why, "role phase changed");
+            #[cfg(test)]
+            super::tests::count_transition("phase", format!("{from:?}"), format!("{to:?}"));
         }
         std::mem::replace(&mut self.phase, next)
     }

@@ -61,6 +61,16 @@ pub enum PhaseKind {
 }
 
 impl PhaseKind {
+    #[cfg(test)]
+    pub const ALL: [PhaseKind; 6] = [
+        PhaseKind::Secondary,
+        PhaseKind::Promoting,
+        PhaseKind::Recording,
+        PhaseKind::Serving,
+        PhaseKind::WithoutQuorum,
+        PhaseKind::Demoting,
+    ];
+
     /// Whether a node may go from `self` to `next` (staying is always
     /// allowed: a superseded record, a retry moved).
     pub fn may_become(self, next: PhaseKind) -> bool {
@@ -110,14 +120,7 @@ mod tests {
     use super::PhaseKind::{self, *};
     use crate::vocabulary::state::Role;
 
-    const ALL: [PhaseKind; 6] = [
-        Secondary,
-        Promoting,
-        Recording,
-        Serving,
-        WithoutQuorum,
-        Demoting,
-    ];
+    const ALL: [PhaseKind; 6] = PhaseKind::ALL;
 
     #[test]
     fn writes_are_acknowledged_only_after_a_record() {

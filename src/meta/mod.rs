@@ -430,6 +430,11 @@ impl MetaStore {
         self.failing = failing;
     }
 
+    #[cfg(test)]
+    pub fn is_failing(&self) -> bool {
+        self.failing
+    }
+
     fn write_copy(&mut self, copy: u64) -> Result<(), MetaError> {
         #[cfg(test)]
         if self.failing {
