@@ -635,14 +635,7 @@ mod tests {
             start_score(&status(Role::Secondary, UpToDate, false)),
             Some(UP_TO_DATE_SCORE)
         );
-        for disk in [
-            Diskless,
-            Attaching,
-            Inconsistent,
-            Outdated,
-            Failed,
-            DUnknown,
-        ] {
+        for disk in [Diskless, Inconsistent, Outdated, Failed, DUnknown] {
             assert_eq!(
                 promotion_score(&status(Role::Secondary, disk, true)),
                 None,

@@ -27,7 +27,8 @@ pub enum ProtocolVersion {
     /// A `Pong` says whether it renews the sender's lease (a voter grants
     /// none to a Primary whose generation it has seen superseded).
     V2 = 2,
-    /// A `Report` lists the generations its sender abandoned.
+    /// A `Report` lists the generations its sender abandoned; `DiskState`
+    /// no longer has `Attaching` (the tags after it moved down by one).
     V3 = 3,
 }
 
@@ -683,13 +684,12 @@ mod tests {
     fn disk_tag(disk: DiskState) -> u8 {
         match disk {
             DiskState::Diskless => 0,
-            DiskState::Attaching => 1,
-            DiskState::Inconsistent => 2,
-            DiskState::Outdated => 3,
-            DiskState::Consistent => 4,
-            DiskState::UpToDate => 5,
-            DiskState::Failed => 6,
-            DiskState::DUnknown => 7,
+            DiskState::Inconsistent => 1,
+            DiskState::Outdated => 2,
+            DiskState::Consistent => 3,
+            DiskState::UpToDate => 4,
+            DiskState::Failed => 5,
+            DiskState::DUnknown => 6,
         }
     }
 
@@ -712,7 +712,7 @@ mod tests {
         "010101010101010101010101010101010101010101010101010101010101010101",
         "02026e6f",
         "03",
-        "0400050702030007808080800480808080080102010102020100010101010b07",
+        "0400040702030007808080800480808080080102010102020100010101010b07",
         "0501",
         "060101",
         "074d",
@@ -739,7 +739,7 @@ mod tests {
         "1c",
         "1d",
         "1e03",
-        "1f0300050702030007808080800480808080080102010102020100010101010b07fa01",
+        "1f0300040702030007808080800480808080080102010102020100010101010b07fa01",
     ];
 
     #[test]
@@ -766,7 +766,6 @@ mod tests {
         }
         for disk in [
             DiskState::Diskless,
-            DiskState::Attaching,
             DiskState::Inconsistent,
             DiskState::Outdated,
             DiskState::Consistent,

@@ -25,18 +25,18 @@ pub enum Role {
 /// The state of a disk (ours, or a peer's as we know it).
 ///
 /// ```text
-///   Attaching ──▶ Inconsistent ──resync done──▶ UpToDate ◀──┐
-///       │              ▲                          │  ▲       │ quorum says current
-///       │              │ resync starts            │  │       │
-///       ├──▶ Outdated ─┘◀── newer generation ─────┘  │   Consistent (restarted alone)
-///       │                                            │
-///       └──▶ Consistent ─────────────────────────────┘
-///   any ──I/O error──▶ Failed ──detach──▶ Diskless
+///   (create-md) Inconsistent ──resync done──▶ UpToDate ◀──┐
+///                    ▲                          │  ▲       │ quorum says current
+///                    │ resync starts            │  │       │
+///               Outdated ◀── newer generation ──┘  │   Consistent (restarted)
+///                    └──────── resync done ────────┘
+///   any ──I/O error──▶ Diskless (detached)
 /// ```
+/// `Failed` is what a peer whose disk failed may report; this node goes
+/// straight to `Diskless`. `DUnknown` is a peer's disk we cannot see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DiskState {
     Diskless,
-    Attaching,
     Inconsistent,
     Outdated,
     Consistent,
@@ -51,27 +51,27 @@ pub enum DiskState {
 ///   StandAlone ──connect──▶ Connecting ──handshake──▶ Connected
 ///        ▲                      ▲                        │
 ///        │                      └──── lost / refused ────┤
-///        └─────────── disconnect / split-brain ──────────┘ (via Disconnecting)
+///        └─────────── disconnect / split-brain ──────────┘
 /// ```
+/// A disconnect closes the session at once: there is no `Disconnecting`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ConnectionState {
     StandAlone,
     Connecting,
     Connected,
-    Disconnecting,
 }
 
-/// Replication with one peer, once connected.
+/// Replication with one peer, once connected. A resync is never paused
+/// (its rate is limited instead), so there are no `PausedSync` states; the
+/// node an online verify runs against serves hashes from its session and
+/// stays `Established`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ReplicationState {
     Off,
     Established,
     SyncSource,
     SyncTarget,
-    PausedSyncS,
-    PausedSyncT,
     VerifyS,
-    VerifyT,
 }
 
 macro_rules! display_as_debug {
@@ -115,9 +115,8 @@ impl DiskState {
 mod tests {
     use super::DiskState::{self, *};
 
-    const ALL: [DiskState; 8] = [
+    const ALL: [DiskState; 7] = [
         Diskless,
-        Attaching,
         Inconsistent,
         Outdated,
         Consistent,
