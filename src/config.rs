@@ -19,10 +19,7 @@ use serde::{Deserialize, Deserializer};
 use thiserror::Error;
 use toml::Spanned;
 
-/// Node ids name bitmap slots on disk and must stay stable: 0..=31.
-pub const MAX_NODE_ID: u8 = 31;
-/// One more than the largest id: no resource can have more nodes than this.
-pub const MAX_NODES: usize = MAX_NODE_ID as usize + 1;
+pub use crate::vocabulary::node::{NodeSet, MAX_NODES, MAX_NODE_ID};
 /// Upper bound for `max-peers`: a node can track every other possible id.
 pub const MAX_PEERS_LIMIT: u8 = MAX_NODE_ID;
 /// DRBD's accepted range for the activity log size, in 4 MiB extents.
@@ -342,6 +339,11 @@ impl Config {
 
     pub fn data_nodes(&self) -> impl Iterator<Item = &Node> {
         self.nodes.iter().filter(|node| node.is_data())
+    }
+
+    /// The ids of the data nodes.
+    pub fn data_node_set(&self) -> NodeSet {
+        self.data_nodes().map(|node| node.id).collect()
     }
 
     /// Every other node of the resource, seen from `me`.

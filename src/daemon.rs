@@ -199,7 +199,7 @@ pub async fn up(config: Config, node_name: &str) -> Result<(), DaemonError> {
                     refusal: Refusal::NotPrimary,
                     reason: "starting".into(),
                 };
-                let data_nodes = config.data_nodes().fold(0u32, |mask, node| mask | (1 << node.id));
+                let data_nodes = config.data_node_set();
                 let volume = Arc::new(Volume::new(
                     VolumeParts {
                         resource: config.resource.name.clone(),

@@ -34,6 +34,7 @@ use crate::replication::link::{AckReceiver, PeerLink};
 use crate::replication::ordering::Ordering;
 use crate::replication::wire::Message;
 use crate::storage::Storage;
+use crate::vocabulary::node::NodeSet;
 
 /// TRIM and WRITE_ZEROES are split into pieces of at most this many bytes,
 /// so one request never pins more of the activity log than this.
@@ -93,7 +94,7 @@ pub struct Volume {
     me: u8,
     protocol: Protocol,
     /// Every data node id (bit per id).
-    data_nodes: u32,
+    data_nodes: NodeSet,
     storage: Arc<Storage>,
     tracker: Arc<Tracker>,
     ordering: Arc<Ordering>,
@@ -114,7 +115,7 @@ pub struct VolumeParts {
     pub resource: String,
     pub me: u8,
     pub protocol: Protocol,
-    pub data_nodes: u32,
+    pub data_nodes: NodeSet,
     pub storage: Arc<Storage>,
     pub tracker: Arc<Tracker>,
     pub lease: Arc<Lease>,
@@ -122,7 +123,7 @@ pub struct VolumeParts {
 
 /// Acknowledgements owed by peers for one replicated request.
 struct Fanout {
-    sent_to: u32,
+    sent_to: NodeSet,
     acks: Vec<(Arc<PeerLink>, AckReceiver)>,
     /// Targets whose link was already gone: the write waits until the core
     /// has handled their loss, as for a failed acknowledgement.
@@ -301,18 +302,18 @@ impl Volume {
         seq: u64,
     ) -> Fanout {
         let targets = self.targets.load();
-        let mut sent_to = 1u32 << self.me;
+        let mut sent_to = NodeSet::of(self.me);
         for link in targets.iter() {
             if !link.is_closed() {
-                sent_to |= 1 << link.peer;
+                sent_to.insert(link.peer);
             }
         }
-        let message = message(sent_to);
+        let message = message(sent_to.bits());
         let mut acks = Vec::with_capacity(targets.len());
         let mut lost = Vec::new();
-        let mut reached = 1u32 << self.me;
+        let mut reached = NodeSet::of(self.me);
         for link in targets.iter() {
-            let ack = if sent_to & (1 << link.peer) == 0 {
+            let ack = if !sent_to.contains(link.peer) {
                 None
             } else {
                 link.replicate(seq, message.clone(), payload.clone())
@@ -320,13 +321,13 @@ impl Volume {
             match ack {
                 Some(ack) => {
                     acks.push((link.clone(), ack));
-                    reached |= 1 << link.peer;
+                    reached.insert(link.peer);
                 }
                 None => lost.push(link.clone()),
             }
         }
-        let missed = self.data_nodes & !reached;
-        if missed != 0 {
+        let missed = self.data_nodes.without(reached);
+        if !missed.is_empty() {
             self.tracker.mark_many(missed, offset, len);
         }
         Fanout {
@@ -366,7 +367,7 @@ impl Volume {
         for link in failed {
             link.loss_handled().await;
         }
-        assert!(fanout.sent_to & (1 << self.me) != 0);
+        assert!(fanout.sent_to.contains(self.me));
     }
 
     pub async fn read(&self, offset: u64, len: u32) -> Result<BytesMut, VolumeError> {
@@ -571,7 +572,7 @@ mod tests {
                 resource: "r0".into(),
                 me: 0,
                 protocol: Protocol::C,
-                data_nodes: 0b11,
+                data_nodes: NodeSet::from_bits(0b11),
                 storage,
                 tracker,
                 lease: Arc::new(Lease::new(Duration::from_secs(1))),

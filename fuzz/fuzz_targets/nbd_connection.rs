@@ -76,7 +76,7 @@ fn open_volume(dir: &Path) -> Option<Arc<Volume>> {
         resource: "r0".to_owned(),
         me: node.id,
         protocol: Protocol::C,
-        data_nodes: 1 << node.id,
+        data_nodes: hablk::vocabulary::node::NodeSet::of(node.id),
         storage: Arc::new(storage),
         tracker,
         lease: Arc::new(Lease::new(Duration::from_secs(5))),

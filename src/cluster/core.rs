@@ -42,6 +42,7 @@ use crate::replication::resync::SyncError;
 use crate::replication::session::{PeerEvent, SessionConfig, CORE_EVENT_QUEUE};
 use crate::replication::wire::{Message, NodeReport, WireLineage};
 use crate::vocabulary::generation::{Generation, Lineage};
+use crate::vocabulary::node::NodeSet;
 use crate::vocabulary::state::{DiskState, Role};
 use crate::volume::{Gate, Refusal, Volume};
 
@@ -106,7 +107,7 @@ pub(super) struct Promotion {
     pub override_quorum: bool,
     pub callers: Vec<oneshot::Sender<CoreReply>>,
     /// Peers asked and not yet answered.
-    pub waiting: Vec<u8>,
+    pub waiting: NodeSet,
     /// The longest lease wait any voter reported.
     pub lease_wait_ms: u64,
     pub started: tokio::time::Instant,
@@ -133,17 +134,17 @@ pub(super) struct GenerationChange {
     /// Voters asked.
     pub asked: usize,
     /// Voters asked and not yet answered.
-    pub waiting: Vec<u8>,
+    pub waiting: NodeSet,
     /// Voters that accepted (this node included).
-    pub accepted: Vec<u8>,
+    pub accepted: NodeSet,
     pub reason: String,
     /// `primary` callers answered once it is recorded.
     pub callers: Vec<oneshot::Sender<CoreReply>>,
     /// Data peers that took it as their data generation: they are write
     /// targets before the gate opens.
-    pub adopted: Vec<u8>,
+    pub adopted: NodeSet,
     /// Voters that answered no (not those lost before answering).
-    pub refused: Vec<u8>,
+    pub refused: NodeSet,
     pub deadline: tokio::time::Instant,
 }
 
@@ -152,7 +153,7 @@ pub(super) struct GenerationChange {
 pub(super) struct SkipSync {
     pub token: u64,
     pub generation: Generation,
-    pub waiting: Vec<u8>,
+    pub waiting: NodeSet,
     pub caller: oneshot::Sender<CoreReply>,
 }
 
@@ -259,7 +260,7 @@ impl Core {
         let interrupt = signal(SignalKind::interrupt())
             .map_err(|e| tracing::warn!(error = %e, "cannot watch SIGINT"))
             .ok();
-        let data_nodes = parts.config.data_nodes().fold(0u32, |m, n| m | (1 << n.id));
+        let data_nodes = parts.config.data_node_set();
         let start_hold = StartHold::new(
             parts.config.resource.ping_timeout,
             parts.config.resource.quorum == QuorumMode::Majority,
@@ -448,8 +449,7 @@ impl Core {
         self.retry_refused_exchanges();
         if let Some(change) = &self.generation_change {
             if tokio::time::Instant::now() >= change.deadline {
-                let waiting = change.waiting.clone();
-                for peer in waiting {
+                for peer in change.waiting.iter() {
                     tracing::warn!(peer = %self.peer_name(peer), "no answer to the new generation in time; closing the connection");
                     if let Some(link) = self.peers.get(&peer).and_then(|p| p.link.clone()) {
                         link.close("did not record the new generation in time");

@@ -38,6 +38,7 @@ use crate::replication::resync::{self, SourceContext, SyncError, SyncStats};
 use crate::replication::session::{self, PeerEvent};
 use crate::replication::wire::{Frame, Message, NodeReport, SyncMode, WireLineage};
 use crate::vocabulary::generation::{Generation, Lineage, Relation};
+use crate::vocabulary::node::NodeSet;
 use crate::vocabulary::state::{ConnectionState, DiskState, ReplicationState, Role};
 
 /// Bitmap words per `Bitmap` frame during the exchange.
@@ -377,9 +378,10 @@ impl Core {
             // Writes from a lost Primary that may not have reached every
             // node: out of sync toward every other data peer (not the lost
             // Primary: what it did not write is in its own activity log).
-            let others = self.config.data_nodes().fold(0u32, |m, n| m | (1 << n.id))
-                & !(1 << self.me.id)
-                & !(1 << peer);
+            let others = self
+                .config
+                .data_node_set()
+                .without(NodeSet::from_iter([self.me.id, peer]));
             for (offset, len) in unconfirmed {
                 tracker.mark_many(others, offset, len);
             }
@@ -427,7 +429,7 @@ impl Core {
             self.lease_hold_from(answered);
         }
         if let Some(skip) = &mut self.skip_sync {
-            if skip.waiting.contains(&peer) {
+            if skip.waiting.contains(peer) {
                 if let Some(skip) = self.skip_sync.take() {
                     let response =
                         Response::failed(format!("skip-initial-sync aborted: lost {name}"));
@@ -533,10 +535,10 @@ impl Core {
                     }
                     if let Some(change) = &mut self.generation_change {
                         if adopted {
-                            change.adopted.push(peer);
+                            change.adopted.insert(peer);
                         }
-                        if !accepted && change.waiting.contains(&peer) {
-                            change.refused.push(peer);
+                        if !accepted && change.waiting.contains(peer) {
+                            change.refused.insert(peer);
                         }
                     }
                     self.generation_answer(peer, accepted);
@@ -1746,11 +1748,11 @@ impl Core {
         if sb.lineage.current != Generation::INITIAL {
             return self.answer(&request, reply, Response::refused("refused: this node is past its first generation; skip-initial-sync is only for a new cluster"));
         }
-        let mut waiting = Vec::new();
+        let mut waiting = NodeSet::EMPTY;
         for peer in self.peers.values().filter(|p| p.node.is_data()) {
             match &peer.report {
                 Some(report) if peer.connected() && report.lineage.current == 0 => {
-                    waiting.push(peer.node.id)
+                    waiting.insert(peer.node.id)
                 }
                 Some(_) if peer.connected() => {
                     let response = Response::refused(format!(
@@ -1771,8 +1773,8 @@ impl Core {
         let generation = Generation::random();
         let token = self.next_token;
         self.next_token += 1;
-        for id in &waiting {
-            if let Some(link) = self.peers.get(id).and_then(|p| p.link.clone()) {
+        for id in waiting.iter() {
+            if let Some(link) = self.peers.get(&id).and_then(|p| p.link.clone()) {
                 link.send(
                     Message::SkipSync {
                         generation: generation.0,
@@ -1856,7 +1858,7 @@ impl Core {
             }
             return;
         }
-        skip.waiting.retain(|&p| p != peer);
+        skip.waiting.remove(peer);
         self.maybe_finish_skip_sync();
     }
 

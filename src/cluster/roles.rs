@@ -38,6 +38,7 @@ use crate::meta::superblock::StoredDisk;
 use crate::meta::{MetaError, MetaStore};
 use crate::replication::wire::{Message, WireLineage};
 use crate::vocabulary::generation::{Generation, Lineage, Relation};
+use crate::vocabulary::node::NodeSet;
 use crate::vocabulary::state::{DiskState, Role};
 use crate::volume::{Gate, Refusal};
 
@@ -139,7 +140,7 @@ impl Core {
             force,
             override_quorum,
             callers: vec![reply],
-            waiting: Vec::new(),
+            waiting: NodeSet::EMPTY,
             lease_wait_ms: 0,
             started: tokio::time::Instant::now(),
             retry_at: None,
@@ -154,11 +155,11 @@ impl Core {
     pub(super) fn promotion_round(&mut self) {
         let token = self.next_token;
         self.next_token += 1;
-        let mut waiting = Vec::new();
+        let mut waiting = NodeSet::EMPTY;
         for peer in self.peers.values() {
             if let Some(link) = peer.link.as_ref().filter(|l| !l.is_closed()) {
                 if link.send(Message::PromoteQuery { token }, Bytes::new()) {
-                    waiting.push(peer.node.id);
+                    waiting.insert(peer.node.id);
                 }
             }
         }
@@ -180,7 +181,7 @@ impl Core {
         if promotion.token != token {
             return;
         }
-        promotion.waiting.retain(|&p| p != peer);
+        promotion.waiting.remove(peer);
         promotion.lease_wait_ms = promotion.lease_wait_ms.max(lease_wait_ms);
         self.evaluate_promotion();
     }
@@ -188,7 +189,7 @@ impl Core {
     /// A node we were asking is gone.
     pub(super) fn promotion_peer_lost(&mut self, peer: u8) {
         if let RolePhase::Promoting(promotion) = &mut self.phase {
-            promotion.waiting.retain(|&p| p != peer);
+            promotion.waiting.remove(peer);
             self.evaluate_promotion();
         }
     }
@@ -532,7 +533,7 @@ impl Core {
         let token = self.next_token;
         self.next_token += 1;
         let lineage = WireLineage::from(&self.meta.superblock().lineage);
-        let mut waiting = Vec::new();
+        let mut waiting = NodeSet::EMPTY;
         for peer in self.peers.values_mut() {
             if let Some(link) = peer.link.as_ref().filter(|l| !l.is_closed()) {
                 if link.send(
@@ -543,7 +544,7 @@ impl Core {
                     },
                     Bytes::new(),
                 ) {
-                    waiting.push(peer.node.id);
+                    waiting.insert(peer.node.id);
                     if peer.node.is_data() {
                         // It may take the generation as its data before
                         // its answer arrives: losing it then is rule A.
@@ -571,11 +572,11 @@ impl Core {
             wrote_before,
             asked,
             waiting,
-            accepted: vec![self.me.id],
+            accepted: NodeSet::of(self.me.id),
             reason,
             callers,
-            adopted: Vec::new(),
-            refused: Vec::new(),
+            adopted: NodeSet::EMPTY,
+            refused: NodeSet::EMPTY,
             deadline: tokio::time::Instant::now() + self.config.resource.ping_timeout * 2,
         });
         self.maybe_finish_generation();
@@ -601,10 +602,10 @@ impl Core {
         let Some(change) = &mut self.generation_change else {
             return;
         };
-        let before = change.waiting.len();
-        change.waiting.retain(|&p| p != peer);
-        if change.waiting.len() != before && accepted {
-            change.accepted.push(peer);
+        let was_waiting = change.waiting.contains(peer);
+        change.waiting.remove(peer);
+        if was_waiting && accepted {
+            change.accepted.insert(peer);
         }
         self.maybe_finish_generation();
     }
@@ -633,7 +634,7 @@ impl Core {
         let accepted: Vec<String> = change
             .accepted
             .iter()
-            .map(|&id| self.peer_name(id))
+            .map(|id| self.peer_name(id))
             .collect();
         if accepted.len() >= needed {
             if !self.persist("the settled generation", |sb| sb.recording_from = None) {
@@ -650,8 +651,8 @@ impl Core {
             if self.role() == Role::Primary {
                 // Every peer that took the generation as its data must get
                 // every write acknowledged in it.
-                for id in &change.adopted {
-                    if let Some(peer) = self.peers.get_mut(id).filter(|p| p.connected()) {
+                for id in change.adopted.iter() {
+                    if let Some(peer) = self.peers.get_mut(&id).filter(|p| p.connected()) {
                         peer.receives_writes = true;
                     }
                 }

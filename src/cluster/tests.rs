@@ -139,7 +139,7 @@ impl Cluster {
                         resource: config.resource.name.clone(),
                         me: id,
                         protocol: config.resource.protocol,
-                        data_nodes: config.data_nodes().fold(0, |m, n| m | (1 << n.id)),
+                        data_nodes: config.data_node_set(),
                         storage,
                         tracker: tracker.clone(),
                         lease: lease.clone(),

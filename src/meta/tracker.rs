@@ -26,6 +26,7 @@ use super::bitmap::{blocks_of, DirtyBitmap};
 use super::layout::{Layout, META_BLOCK_BYTES};
 use super::superblock::Superblock;
 use super::{write_durable, MetaError};
+use crate::vocabulary::node::NodeSet;
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every update below is complete before its guard drops; a poisoned
@@ -292,11 +293,11 @@ impl Tracker {
         }
     }
 
-    /// Marks the range toward every peer in `nodes` (a bit set of ids).
-    pub fn mark_many(&self, nodes: u32, offset: u64, len: u64) {
+    /// Marks the range toward every peer in `nodes`.
+    pub fn mark_many(&self, nodes: NodeSet, offset: u64, len: u64) {
         for (slot, node) in self.slots.iter().enumerate() {
             if let Some(node) = node {
-                if nodes & (1 << node) != 0 {
+                if nodes.contains(*node) {
                     lock(&self.bitmaps[slot]).set_range(blocks_of(offset, len));
                 }
             }

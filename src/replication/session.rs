@@ -41,6 +41,7 @@ use crate::config::Protocol;
 use crate::meta::bitmap::blocks_of;
 use crate::meta::tracker::Tracker;
 use crate::storage::Storage;
+use crate::vocabulary::node::NodeSet;
 
 /// Receive buffer kept ready.
 const READ_CHUNK_BYTES: usize = 1 << 20;
@@ -124,7 +125,7 @@ pub struct LocalDisk {
     pub storage: Arc<Storage>,
     pub tracker: Arc<Tracker>,
     /// Every data node id of the resource (bit per id).
-    pub data_nodes: u32,
+    pub data_nodes: NodeSet,
     /// Set once the backing disk failed: nothing more is written.
     pub failed: Arc<AtomicBool>,
 }
@@ -249,7 +250,7 @@ enum Job {
         offset: u64,
         data: Bytes,
         fua: bool,
-        missing: u32,
+        missing: NodeSet,
         ack_after: bool,
     },
     Zeroes {
@@ -258,7 +259,7 @@ enum Job {
         len: u64,
         may_punch: bool,
         fua: bool,
-        missing: u32,
+        missing: NodeSet,
         ack_after: bool,
     },
     Barrier {
@@ -376,7 +377,7 @@ async fn run_job(
             }
         }
         Job::SyncZeroes { offset, len } => {
-            match apply_zeroes(&disk, offset, len, true, false, 0).await {
+            match apply_zeroes(&disk, offset, len, true, false, NodeSet::EMPTY).await {
                 Ok(()) => {
                     done.reply = Some((Message::SyncAck { offset, len }, Bytes::new()));
                     done.after_flush = true;
@@ -458,14 +459,14 @@ async fn apply_write(
     offset: u64,
     data: &Bytes,
     fua: bool,
-    missing: u32,
+    missing: NodeSet,
 ) -> Result<(), String> {
     let _pin = disk
         .tracker
         .enter(offset, data.len() as u64)
         .await
         .map_err(|e| e.to_string())?;
-    if missing != 0 {
+    if !missing.is_empty() {
         disk.tracker.mark_many(missing, offset, data.len() as u64);
     }
     disk.storage
@@ -480,14 +481,14 @@ async fn apply_zeroes(
     len: u64,
     may_punch: bool,
     fua: bool,
-    missing: u32,
+    missing: NodeSet,
 ) -> Result<(), String> {
     let _pin = disk
         .tracker
         .enter(offset, len)
         .await
         .map_err(|e| e.to_string())?;
-    if missing != 0 {
+    if !missing.is_empty() {
         disk.tracker.mark_many(missing, offset, len);
     }
     disk.storage
@@ -926,11 +927,15 @@ impl Session {
         F: Future<Output = Done>,
         M: Fn(Option<LocalDisk>, u8, u64, Vec<CancellationToken>, Job) -> F,
     {
-        let me_bit = 1u32 << self.config.me;
-        let peer_bit = 1u32 << self.link.peer;
-        let missing_of =
-            |sent_to: u32, data_nodes: u32| data_nodes & !sent_to & !me_bit & !peer_bit;
-        let data_nodes = self.config.disk.as_ref().map_or(0, |d| d.data_nodes);
+        let us = NodeSet::from_iter([self.config.me, self.link.peer]);
+        let missing_of = |sent_to: u32, data_nodes: NodeSet| {
+            data_nodes.without(NodeSet::from_bits(sent_to)).without(us)
+        };
+        let data_nodes = self
+            .config
+            .disk
+            .as_ref()
+            .map_or(NodeSet::EMPTY, |d| d.data_nodes);
         let ack_on_receipt = self.config.protocol != Protocol::C;
         match frame.message {
             Message::Ping { id } => {
@@ -1052,7 +1057,7 @@ impl Session {
                 // toward every other data node before taking the new
                 // generation.
                 if let Some(disk) = &self.config.disk {
-                    let others = disk.data_nodes & !me_bit & !peer_bit;
+                    let others = disk.data_nodes.without(us);
                     for &(_, offset, len) in &self.unconfirmed.writes {
                         disk.tracker.mark_many(others, offset, len);
                     }
