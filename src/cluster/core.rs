@@ -26,7 +26,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::lease::{Lease, StartHold};
-use super::peers::PeerState;
+use super::peer_state::PeerState;
 use super::phase::{PhaseKind, RolePhase};
 use super::promotion;
 use crate::config::{Config, Node, QuorumMode};
@@ -97,27 +97,6 @@ pub(super) struct Demotion {
     pub waiting: Vec<oneshot::Sender<CoreReply>>,
     pub stop: bool,
     pub stop_reply: Option<oneshot::Sender<CoreReply>>,
-}
-
-/// A promotion under way (asking every node afresh, waiting out leases).
-#[derive(Debug)]
-pub(super) struct Promotion {
-    pub token: u64,
-    pub force: bool,
-    pub override_quorum: bool,
-    pub callers: Vec<oneshot::Sender<CoreReply>>,
-    /// Peers asked and not yet answered.
-    pub waiting: NodeSet,
-    /// The longest lease wait any voter reported.
-    pub lease_wait_ms: u64,
-    pub started: tokio::time::Instant,
-    /// When to ask again (rule (b) retry, lease wait).
-    pub retry_at: Option<tokio::time::Instant>,
-    /// Asked for by an attaching NBD client (auto-promote).
-    pub auto: bool,
-    /// The newest generation this node knew when the promotion started: if
-    /// it changes meanwhile, another node was promoted.
-    pub known_at_start: Generation,
 }
 
 /// A new generation being recorded on the connected voters.

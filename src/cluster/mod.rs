@@ -1,7 +1,10 @@
 //! Roles, states, quorum, generations and split-brain rules.
 //!
 //! - [`core`]: the single task that owns this node's state and decides;
-//!   `peers.rs` holds its per-peer half (connect, exchange, resync).
+//!   `peers.rs` holds its per-peer handlers (connect, exchange, resync),
+//!   `roles.rs` promotion, demotion, generations and quorum; both only
+//!   add methods to the core. `peer_state.rs` and `phase.rs` hold the
+//!   state they change.
 //! - [`promotion`]: the promotion rules (a)–(d), a pure function.
 //! - [`sync_rules`]: who resyncs whom when two data nodes meet.
 //!
@@ -10,6 +13,7 @@
 
 pub mod core;
 pub mod lease;
+mod peer_state;
 mod peers;
 mod phase;
 pub mod promotion;

@@ -16,7 +16,11 @@
 //! Every Primary phase may also step down at once on meeting newer data,
 //! and a promotion whose record fails goes straight back to Secondary.
 
-use super::core::Promotion;
+use tokio::sync::oneshot;
+
+use crate::control::server::CoreReply;
+use crate::vocabulary::generation::Generation;
+use crate::vocabulary::node::NodeSet;
 use crate::vocabulary::state::Role;
 
 /// The role and, while Primary, what its writes do; a promotion's data
@@ -32,6 +36,27 @@ pub(super) enum RolePhase {
     /// The demotion's callers live in `Core::demotion`: it may step down
     /// at once meanwhile (meeting newer data), and the drain still ends it.
     Demoting,
+}
+
+/// A promotion under way (asking every node afresh, waiting out leases).
+#[derive(Debug)]
+pub(super) struct Promotion {
+    pub token: u64,
+    pub force: bool,
+    pub override_quorum: bool,
+    pub callers: Vec<oneshot::Sender<CoreReply>>,
+    /// Peers asked and not yet answered.
+    pub waiting: NodeSet,
+    /// The longest lease wait any voter reported.
+    pub lease_wait_ms: u64,
+    pub started: tokio::time::Instant,
+    /// When to ask again (rule (b) retry, lease wait).
+    pub retry_at: Option<tokio::time::Instant>,
+    /// Asked for by an attaching NBD client (auto-promote).
+    pub auto: bool,
+    /// The newest generation this node knew when the promotion started: if
+    /// it changes meanwhile, another node was promoted.
+    pub known_at_start: Generation,
 }
 
 /// What a Primary's writes do.

@@ -27,9 +27,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-use super::core::{Core, Demotion, GenerationChange, Promotion, Stopped};
+use super::core::{Core, Demotion, GenerationChange, Stopped};
 use super::lease::{self, now_nanos};
-use super::phase::{PrimaryPhase, RolePhase};
+use super::phase::{PrimaryPhase, Promotion, RolePhase};
 use super::promotion::{self, PromotionInput, PromotionRefusal};
 use crate::config::{OnNoQuorum, QuorumMode};
 use crate::control::protocol::{Request, Response};
