@@ -7,6 +7,8 @@
 //!   state they change.
 //! - [`promotion`]: the promotion rules (a)–(d), a pure function.
 //! - [`sync_rules`]: who resyncs whom when two data nodes meet.
+//! - [`voter`]: whether a voter records another node's new generation,
+//!   and what that does to its data.
 //!
 //! The states and generations it decides with live in
 //! [`crate::vocabulary`], shared with the wire format.
@@ -22,3 +24,4 @@ pub use roles::abandon_interrupted_generation;
 pub mod sync_rules;
 #[cfg(test)]
 mod tests;
+pub mod voter;

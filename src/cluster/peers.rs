@@ -27,6 +27,7 @@ use super::core::{Core, Internal, SkipSync};
 use super::lease::{self, now_nanos};
 use super::peer_state::SyncRun;
 use super::sync_rules::{decide, Decision, Side};
+use super::voter;
 use crate::control::protocol::{Request, Response};
 use crate::control::server::CoreReply;
 use crate::meta::bitmap::DirtyBitmap;
@@ -1172,60 +1173,59 @@ impl Core {
         let new: Lineage = lineage.into();
         let generation = new.current;
         let sb = self.meta.superblock();
-        // A Primary, or a node in the middle of its own promotion, never
-        // backs another node's generation: that would be a second Primary.
-        let competing = self.primary_or_promoting();
-        let successor = new.contains(sb.known);
-        let leased_to = if competing || !successor {
-            None
-        } else {
-            self.withdraw_superseded_grants(peer, generation)
+        let verdict = voter::may_record(self.primary_or_promoting(), sb.known, &new).and_then(
+            |()| match self.withdraw_superseded_grants(peer, generation) {
+                Some(holder) => Err(voter::Refusal::LeaseMayRun { holder }),
+                None => Ok(()),
+            },
+        );
+        let me = voter::VoterData {
+            is_data: self.me.is_data(),
+            disk: self.disk,
+            current: sb.lineage.current,
+            resyncing_with_sender: self.peers.get(&peer).map_or(true, |p| p.sync.is_some()),
         };
-        let accepted = !competing && successor && leased_to.is_none();
-        if competing {
-            tracing::warn!(peer = %self.peer_name(peer), %generation, "refusing to record another node's generation: this node is Primary or being promoted");
-        }
-        if let Some(holder) = leased_to {
-            tracing::warn!(peer = %self.peer_name(peer), %generation, primary = %self.peer_name(holder), "refusing to record another node's generation: a Primary's lease from this node may still run");
-        }
-        let previous = new.history.first().copied();
-        // The same generation is not the same data: only a write target of
-        // the sender has every write of it (a peer it lost and got back may
-        // lack some, even when the generation that loss started failed).
-        let in_sync_with_sender = self.me.is_data()
-            && may_adopt
-            && self.disk == DiskState::UpToDate
-            && Some(sb.lineage.current) == previous
-            && self.peers.get(&peer).is_some_and(|p| p.sync.is_none());
-        let mut disk = self.disk;
+        let data_after = voter::data_after(me, &new, may_adopt);
         // An answer says the vote is durable: one this node could not
         // write is a refusal (after a crash it would not know the vote).
-        let accepted = accepted
-            && self.persist("a peer's new generation", |sb| {
+        let accepted = match verdict {
+            Err(refusal) => {
+                tracing::warn!(peer = %self.peer_name(peer), %generation, reason = %refusal, "refusing to record another node's generation");
+                false
+            }
+            Ok(()) => self.persist("a peer's new generation", |sb| {
                 sb.known = generation;
-                if in_sync_with_sender {
-                    sb.lineage = new.clone();
-                    sb.flags.wrote_in_generation = false;
-                    if let Some(slot) = sb.slot_of(peer) {
-                        sb.peer_slots[usize::from(slot)].tracking = Some(generation);
+                match data_after {
+                    voter::DataAfter::Adopted => {
+                        sb.lineage = new.clone();
+                        sb.flags.wrote_in_generation = false;
+                        if let Some(slot) = sb.slot_of(peer) {
+                            sb.peer_slots[usize::from(slot)].tracking = Some(generation);
+                        }
                     }
-                } else if sb.lineage.current != generation && disk == DiskState::UpToDate {
-                    sb.disk = StoredDisk::Outdated;
-                    disk = DiskState::Outdated;
+                    voter::DataAfter::Outdated => sb.disk = StoredDisk::Outdated,
+                    voter::DataAfter::Unchanged => {}
                 }
-            });
+            }),
+        };
+        let adopted = accepted && data_after == voter::DataAfter::Adopted;
         if accepted {
             self.known_from = Some((peer, generation));
-            self.set_disk(disk, "a peer recorded a generation this node is behind in");
+            if data_after == voter::DataAfter::Outdated {
+                self.set_disk(
+                    DiskState::Outdated,
+                    "a peer recorded a generation this node is behind in",
+                );
+            }
         }
         let known = self.meta.superblock().known.0;
-        tracing::info!(peer = %self.peer_name(peer), %generation, accepted, adopted = in_sync_with_sender && accepted, "generation recorded for peer");
+        tracing::info!(peer = %self.peer_name(peer), %generation, accepted, adopted, "generation recorded for peer");
         if let Some(link) = self.peers.get(&peer).and_then(|p| p.link.clone()) {
             link.send(
                 Message::GenerationRecorded {
                     token,
                     accepted,
-                    adopted: accepted && in_sync_with_sender,
+                    adopted,
                     known,
                 },
                 Bytes::new(),
