@@ -1048,9 +1048,23 @@ async fn engine_history(seed: u64, steps: usize) -> Result<(), String> {
     for _ in 0..steps {
         let (a, b) = pairs[rng.gen_range(0..pairs.len())];
         let data = if rng.gen_bool(0.5) { ALPHA } else { BETA };
+        // Disk faults and invalidations go to an Outdated node when there
+        // is one: it is Outdated only briefly (until its resync), and what
+        // happens to it then is rare otherwise.
+        let outdated = [ALPHA, BETA]
+            .into_iter()
+            .find(|&id| cluster.status(id).disk == DiskState::Outdated);
+        let faulty = outdated.unwrap_or(data);
         let action = match rng.gen_range(0..100) {
             0..=14 => {
-                if cluster.linked(a, b) {
+                if cluster.linked(a, b) && rng.gen_bool(0.25) {
+                    // The dialer gave up on the connection and dialed again
+                    // while the other side still held the old one.
+                    if cluster.link(a, b) {
+                        cluster.pump();
+                    }
+                    format!("connect {a}-{b} again over the live connection")
+                } else if cluster.linked(a, b) {
                     cluster.cut(a, b);
                     cluster.pump();
                     format!("cut {a}-{b}")
@@ -1093,23 +1107,28 @@ async fn engine_history(seed: u64, steps: usize) -> Result<(), String> {
             63..=65 => {
                 // Its superblock writes fail from now on: the next one
                 // detaches the disk. A restart brings it back.
-                cluster.cores.get_mut(&data).unwrap().meta.set_failing(true);
-                format!("metadata of {data} fails")
+                cluster
+                    .cores
+                    .get_mut(&faulty)
+                    .unwrap()
+                    .meta
+                    .set_failing(true);
+                format!("metadata of {faulty} fails")
             }
             66..=67 => {
                 // Only with the other data node's view fresh both ways: two
                 // nodes that each invalidate on a stale view of the other
                 // have no source left (the operator's mistake, not a bug).
-                let other = ALPHA + BETA - data;
-                if cluster.linked(data, other)
-                    && !cluster.held.contains(&(data, other))
-                    && !cluster.held.contains(&(other, data))
+                let other = ALPHA + BETA - faulty;
+                if cluster.linked(faulty, other)
+                    && !cluster.held.contains(&(faulty, other))
+                    && !cluster.held.contains(&(other, faulty))
                 {
-                    drop(cluster.call_pending(data, Request::Invalidate));
+                    drop(cluster.call_pending(faulty, Request::Invalidate));
                     cluster.pump();
-                    format!("invalidate {data}")
+                    format!("invalidate {faulty}")
                 } else {
-                    format!("invalidate {data} (skipped: stale view)")
+                    format!("invalidate {faulty} (skipped: stale view)")
                 }
             }
             _ => {
