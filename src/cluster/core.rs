@@ -204,7 +204,7 @@ pub struct Core {
     /// Promoted by an NBD client attaching (auto-promote).
     pub(super) auto_promoted: bool,
     /// When to demote after the last auto-promote client left.
-    pub(super) auto_demote_at: Option<tokio::time::Instant>,
+    auto_demote_at: Option<tokio::time::Instant>,
     ticks: u64,
     wrote: Option<watch::Receiver<bool>>,
     pub(super) skip_sync: Option<SkipSync>,

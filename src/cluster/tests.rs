@@ -547,24 +547,48 @@ fn primary() -> Request {
     }
 }
 
+/// The nodes of a test cluster: (name, data node?), ids in order.
+type Shape = &'static [(&'static str, bool)];
+const TWO_DATA_AND_WITNESS: Shape = &[("alpha", true), ("beta", true), ("witness", false)];
+const THREE_DATA: Shape = &[("alpha", true), ("beta", true), ("gamma", true)];
+
 /// Two data nodes and a witness, all connected, both disks UpToDate in
 /// the same first generation (skip-initial-sync), nobody Primary.
 async fn in_sync_cluster() -> Cluster {
+    in_sync(TWO_DATA_AND_WITNESS).await
+}
+
+/// Every pair connected, every data disk UpToDate in the same first
+/// generation (skip-initial-sync), nobody Primary.
+async fn in_sync(shape: Shape) -> Cluster {
     if std::env::var_os("ENGINE_SIM_LOG").is_some() {
         let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     }
-    let mut cluster = Cluster::new(&[("alpha", true), ("beta", true), ("witness", false)], "");
-    cluster.connect(ALPHA, BETA);
-    cluster.connect(ALPHA, WITNESS);
-    cluster.connect(BETA, WITNESS);
+    let mut cluster = Cluster::new(shape, "");
+    for (a, b) in pairs_of(shape) {
+        cluster.connect(a, b);
+    }
     let answer = cluster.call(ALPHA, Request::SkipInitialSync);
     assert!(done(&answer), "{answer:?}");
     cluster.quiesce().await;
-    for id in [ALPHA, BETA] {
+    for id in data_nodes_of(shape) {
         assert_eq!(cluster.status(id).disk, DiskState::UpToDate);
     }
     cluster.clear_log();
     cluster
+}
+
+fn pairs_of(shape: Shape) -> Vec<(u8, u8)> {
+    let n = shape.len() as u8;
+    (0..n)
+        .flat_map(|a| (a + 1..n).map(move |b| (a, b)))
+        .collect()
+}
+
+fn data_nodes_of(shape: Shape) -> Vec<u8> {
+    (0..shape.len() as u8)
+        .filter(|&id| shape[usize::from(id)].1)
+        .collect()
 }
 
 thread_local! {
@@ -578,8 +602,8 @@ pub(super) fn count_transition(machine: &'static str, from: String, to: String) 
     TRANSITIONS.with(|t| *t.borrow_mut().entry((machine, from, to)).or_default() += 1);
 }
 
-/// Transitions the tables allow that two data nodes and a witness with
-/// quorum on cannot make, and why.
+/// Transitions the tables allow that the shapes simulated here (quorum
+/// on) cannot make, and why.
 const NOT_IN_THESE_HISTORIES: [(&str, &str, &str, &str); 2] = [
     (
         "phase",
@@ -1039,20 +1063,22 @@ async fn refused_generations_leave_no_trace_in_the_history() {
 /// the network heals, a data node can be Primary. What it does not cover
 /// (no lease clock, no resync data, no writes) the model in
 /// `tests/safety_model.rs` still does.
-async fn engine_history(seed: u64, steps: usize) -> Result<(), String> {
+async fn engine_history(shape: Shape, seed: u64, steps: usize) -> Result<(), String> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut cluster = in_sync_cluster().await;
+    let mut cluster = in_sync(shape).await;
     let mut trace = Vec::new();
-    let pairs = [(ALPHA, BETA), (ALPHA, WITNESS), (BETA, WITNESS)];
+    let pairs = pairs_of(shape);
+    let data_nodes = data_nodes_of(shape);
     for _ in 0..steps {
         let (a, b) = pairs[rng.gen_range(0..pairs.len())];
-        let data = if rng.gen_bool(0.5) { ALPHA } else { BETA };
+        let data = data_nodes[rng.gen_range(0..data_nodes.len())];
         // Disk faults and invalidations go to an Outdated node when there
         // is one: it is Outdated only briefly (until its resync), and what
         // happens to it then is rare otherwise.
-        let outdated = [ALPHA, BETA]
-            .into_iter()
+        let outdated = data_nodes
+            .iter()
+            .copied()
             .find(|&id| cluster.status(id).disk == DiskState::Outdated);
         let faulty = outdated.unwrap_or(data);
         let action = match rng.gen_range(0..100) {
@@ -1100,7 +1126,7 @@ async fn engine_history(seed: u64, steps: usize) -> Result<(), String> {
                 format!("secondary on {data}")
             }
             55..=62 => {
-                let id = rng.gen_range(0..3);
+                let id = rng.gen_range(0..shape.len() as u8);
                 cluster.crash_and_restart(id);
                 format!("crash {id}")
             }
@@ -1119,10 +1145,14 @@ async fn engine_history(seed: u64, steps: usize) -> Result<(), String> {
                 // Only with the other data node's view fresh both ways: two
                 // nodes that each invalidate on a stale view of the other
                 // have no source left (the operator's mistake, not a bug).
-                let other = ALPHA + BETA - faulty;
-                if cluster.linked(faulty, other)
-                    && !cluster.held.contains(&(faulty, other))
-                    && !cluster.held.contains(&(other, faulty))
+                let fresh = |other: u8| {
+                    cluster.linked(faulty, other)
+                        && !cluster.held.contains(&(faulty, other))
+                        && !cluster.held.contains(&(other, faulty))
+                };
+                if data_nodes
+                    .iter()
+                    .all(|&other| other == faulty || fresh(other))
                 {
                     drop(cluster.call_pending(faulty, Request::Invalidate));
                     cluster.pump();
@@ -1139,8 +1169,9 @@ async fn engine_history(seed: u64, steps: usize) -> Result<(), String> {
         };
         cluster.quiesce().await;
         trace.push(action);
-        let serving: Vec<u8> = [ALPHA, BETA]
-            .into_iter()
+        let serving: Vec<u8> = data_nodes
+            .iter()
+            .copied()
             .filter(|&id| {
                 cluster.status(id).role == Role::Primary
                     && matches!(cluster.gate(id), Gate::Open { .. })
@@ -1152,9 +1183,9 @@ async fn engine_history(seed: u64, steps: usize) -> Result<(), String> {
                 trace.join("\n")
             ));
         }
-        if [ALPHA, BETA]
-            .into_iter()
-            .any(|id| cluster.status(id).peers.iter().any(|p| p.split_brain))
+        if data_nodes
+            .iter()
+            .any(|&id| cluster.status(id).peers.iter().any(|p| p.split_brain))
         {
             return Err(format!("split-brain reported:\n{}", trace.join("\n")));
         }
@@ -1162,7 +1193,7 @@ async fn engine_history(seed: u64, steps: usize) -> Result<(), String> {
     // Heal: failed disks replaced (a restart), every direction released,
     // every pair connected, time for holds and waits to pass; then some
     // data node can be Primary.
-    for id in [ALPHA, BETA] {
+    for &id in &data_nodes {
         if cluster.cores[&id].meta.is_failing() {
             cluster.crash_and_restart(id);
         }
@@ -1171,13 +1202,13 @@ async fn engine_history(seed: u64, steps: usize) -> Result<(), String> {
     for (from, to) in held {
         cluster.release(from, to);
     }
-    for (a, b) in pairs {
+    for &(a, b) in &pairs {
         if !cluster.linked(a, b) && cluster.link(a, b) {
             cluster.pump();
         }
     }
     cluster.advance(cluster.ping_timeout() * 3).await;
-    for id in [ALPHA, BETA] {
+    for &id in &data_nodes {
         if cluster.status(id).role != Role::Primary {
             drop(cluster.call_pending(id, primary()));
             cluster.pump();
@@ -1188,49 +1219,60 @@ async fn engine_history(seed: u64, steps: usize) -> Result<(), String> {
             return Ok(());
         }
     }
+    let states: Vec<Status> = data_nodes.iter().map(|&id| cluster.status(id)).collect();
     Err(format!(
-        "no Primary after healing: {:?} / {:?}\n{}",
-        cluster.status(ALPHA),
-        cluster.status(BETA),
+        "no Primary after healing: {states:?}\n{}",
         trace.join("\n")
     ))
 }
 
 /// `ENGINE_SIM_SEED` replays one history; `ENGINE_SIM_HISTORIES` sets how
-/// many run, from `ENGINE_SIM_FIRST_SEED`; `ENGINE_SIM_LOG` (for any test
-/// here) shows what every core logged. By default: the fixed seeds
-/// `0..COVERING_SEEDS`, which must between them make every transition the
-/// engine's tables allow (histories are repeatable: the same seed makes
-/// the same transitions), then 40 random ones.
+/// many run, from `ENGINE_SIM_FIRST_SEED`; `ENGINE_SIM_SHAPE` is `2+1`
+/// (two data nodes and a witness) or `3` (three data nodes), both if
+/// unset; `ENGINE_SIM_LOG` (for any test here) shows what every core
+/// logged. By default, per shape: fixed seeds that must between them make
+/// every transition the engine's tables allow (histories are repeatable:
+/// the same seed makes the same transitions), then random ones.
 async fn random_histories() {
-    const COVERING_SEEDS: u64 = 100;
+    const COVERING: [(Shape, &str, u64, u64); 2] = [
+        // (shape, its name, fixed seeds from 0, random seeds)
+        (TWO_DATA_AND_WITNESS, "2+1", 100, 40),
+        (THREE_DATA, "3", 40, 20),
+    ];
     let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
-    let runs: Vec<(u64, u64)> = match (env("ENGINE_SIM_SEED"), env("ENGINE_SIM_HISTORIES")) {
-        (Some(seed), _) => vec![(seed, 1)],
-        (None, Some(count)) => {
-            let first =
-                env("ENGINE_SIM_FIRST_SEED").unwrap_or_else(|| rand::random::<u32>().into());
-            vec![(first, count)]
-        }
-        (None, None) => vec![(0, COVERING_SEEDS), (rand::random::<u32>().into(), 40)],
-    };
+    let only = std::env::var("ENGINE_SIM_SHAPE").ok();
+    let custom = env("ENGINE_SIM_SEED").is_some() || env("ENGINE_SIM_HISTORIES").is_some();
     TRANSITIONS.with(|t| t.borrow_mut().clear());
     let started = std::time::Instant::now();
-    for &(first, count) in &runs {
-        for seed in first..first + count {
-            if let Err(violation) = engine_history(seed, 60).await {
-                panic!("seed {seed} (ENGINE_SIM_SEED={seed} replays it): {violation}");
+    let mut summary = Vec::new();
+    for (shape, name, fixed, random) in COVERING {
+        if only.as_deref().is_some_and(|only| only != name) {
+            continue;
+        }
+        let runs: Vec<(u64, u64)> = match (env("ENGINE_SIM_SEED"), env("ENGINE_SIM_HISTORIES")) {
+            (Some(seed), _) => vec![(seed, 1)],
+            (None, Some(count)) => {
+                let first =
+                    env("ENGINE_SIM_FIRST_SEED").unwrap_or_else(|| rand::random::<u32>().into());
+                vec![(first, count)]
             }
+            (None, None) => vec![(0, fixed), (rand::random::<u32>().into(), random)],
+        };
+        for &(first, count) in &runs {
+            for seed in first..first + count {
+                if let Err(violation) = engine_history(shape, seed, 60).await {
+                    panic!(
+                        "shape {name}, seed {seed} (ENGINE_SIM_SHAPE={name} ENGINE_SIM_SEED={seed} \
+                         replays it): {violation}"
+                    );
+                }
+            }
+            summary.push(format!("{name}: {count} from seed {first}"));
         }
     }
-    let ranges: Vec<String> = runs
-        .iter()
-        .map(|(first, count)| format!("{first}..{}", first + count))
-        .collect();
-    let histories: u64 = runs.iter().map(|(_, count)| count).sum();
     eprintln!(
-        "{histories} histories (seeds {}) without a violation in {:.1} s",
-        ranges.join(", "),
+        "histories without a violation ({}) in {:.1} s",
+        summary.join("; "),
         started.elapsed().as_secs_f64()
     );
     let counts = TRANSITIONS.with(|t| t.borrow().clone());
@@ -1252,7 +1294,7 @@ async fn random_histories() {
             missed.push(format!("{machine}: {from} -> {to}"));
         }
     }
-    if runs.first() == Some(&(0, COVERING_SEEDS)) {
+    if !custom && only.is_none() {
         assert!(
             missed.is_empty(),
             "transitions the tables allow but no history made: {missed:?}"
