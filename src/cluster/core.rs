@@ -563,6 +563,17 @@ impl Core {
                 override_quorum,
             } => self.promote(force, override_quorum, reply),
             Request::Secondary { force } => {
+                if self.cancel_promotion("`secondary` was asked for") {
+                    self.answer(
+                        &request,
+                        reply,
+                        Response::done(format!(
+                            "{} is Secondary (its promotion was cancelled)",
+                            self.me.name
+                        )),
+                    );
+                    return None;
+                }
                 if self.role() != Role::Primary {
                     self.answer(
                         &request,

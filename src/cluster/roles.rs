@@ -312,6 +312,23 @@ impl Core {
         }
     }
 
+    /// Ends a promotion under way (`secondary`, `down`): its callers are
+    /// refused. Whether there was one.
+    pub(super) fn cancel_promotion(&mut self, why: &str) -> bool {
+        let Some(promotion) = self.end_promotion(why) else {
+            return false;
+        };
+        let request = Request::Primary {
+            force: promotion.force,
+            override_quorum: promotion.override_quorum,
+        };
+        let refusal = Response::refused(format!("refused: the promotion was cancelled: {why}"));
+        for caller in promotion.callers {
+            self.answer(&request, caller, refusal.clone());
+        }
+        true
+    }
+
     /// A promotion that ends without the role: back to Secondary, with
     /// its callers to answer.
     fn end_promotion(&mut self, why: &str) -> Option<Promotion> {
@@ -946,6 +963,7 @@ impl Core {
             self.begin_demotion(force, reply, true);
             return None;
         }
+        self.cancel_promotion("the node is going down");
         self.clients.disconnect_all();
         Some(Stopped { reply })
     }

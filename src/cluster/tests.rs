@@ -833,6 +833,29 @@ async fn a_demoting_primary_keeps_its_gate_closed_when_a_record_settles() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn secondary_cancels_a_promotion_under_way() {
+    let mut cluster = in_sync_cluster().await;
+    // beta's promotion waits for the witness's answer.
+    cluster.hold(WITNESS, BETA);
+    cluster.cut(ALPHA, BETA);
+    cluster.pump();
+    let mut promoting = cluster.call_pending(BETA, primary());
+    cluster.pump();
+    assert!(promoting.try_recv().is_err(), "the promotion waits");
+    let answer = cluster.call(BETA, Request::Secondary { force: false });
+    assert!(done(&answer), "{answer:?}");
+    let refused = answered(promoting);
+    assert!(
+        refusal(&refused).contains("promotion was cancelled"),
+        "{refused:?}"
+    );
+    // The witness's late answer makes nobody Primary.
+    cluster.release(WITNESS, BETA);
+    cluster.advance(cluster.ping_timeout() * 2).await;
+    assert_eq!(cluster.status(BETA).role, Role::Secondary);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_connection_whose_role_is_not_reported_yet_counts_as_a_primary() {
     let mut cluster = in_sync_cluster().await;
     assert!(done(&cluster.call(BETA, primary())));
