@@ -124,6 +124,12 @@ pub(super) struct GenerationChange {
     pub adopted: NodeSet,
     /// Voters that answered no (not those lost before answering).
     pub refused: NodeSet,
+    /// A change this one superseded asked voters: one of them may have
+    /// recorded it (its answers are no longer awaited).
+    pub superseded_asked: bool,
+    /// Started by a promotion (not by a Primary already serving): a
+    /// failed record ends the role.
+    pub for_promotion: bool,
     pub deadline: tokio::time::Instant,
 }
 

@@ -29,13 +29,25 @@ use tokio::sync::Notify;
 
 use crate::replication::link::PeerLink;
 
-/// Nanoseconds since this process's first call: a monotonic clock that fits
-/// an atomic.
+/// Where the lease clock starts: far from zero, so that a timestamp of 0
+/// ("never": no heartbeat answered, no lease granted) is always long past,
+/// even in a daemon's first seconds.
+const CLOCK_START: Duration = Duration::from_secs(3600);
+
+/// Nanoseconds since this process's first call, plus `CLOCK_START`: a
+/// monotonic clock that fits an atomic.
 #[cfg(not(test))]
 pub fn now_nanos() -> u64 {
     static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     let epoch = *EPOCH.get_or_init(std::time::Instant::now);
-    nanos(epoch.elapsed())
+    nanos(CLOCK_START + epoch.elapsed())
+}
+
+#[cfg(test)]
+thread_local! {
+    /// When the test clock last started (see `restart_test_clock`).
+    static TEST_EPOCH: std::cell::Cell<Option<tokio::time::Instant>> =
+        const { std::cell::Cell::new(None) };
 }
 
 /// In unit tests the lease clock is tokio's, which a test can pause and
@@ -43,11 +55,21 @@ pub fn now_nanos() -> u64 {
 /// waits expire when the test says so, not when the machine gets to it.
 #[cfg(test)]
 pub fn now_nanos() -> u64 {
-    thread_local! {
-        static EPOCH: tokio::time::Instant = tokio::time::Instant::now();
-    }
     let now = tokio::time::Instant::now();
-    EPOCH.with(|epoch| nanos(now.saturating_duration_since(*epoch)))
+    let epoch = TEST_EPOCH.with(|epoch| {
+        let started = epoch.get().unwrap_or(now);
+        epoch.set(Some(started));
+        started
+    });
+    nanos(CLOCK_START + now.saturating_duration_since(epoch))
+}
+
+/// Starts this thread's lease clock again at `CLOCK_START`: each
+/// simulated history reads the same times whatever ran before it, so a
+/// seed replays alone as it ran in a campaign.
+#[cfg(test)]
+pub fn restart_test_clock() {
+    TEST_EPOCH.with(|epoch| epoch.set(Some(tokio::time::Instant::now())));
 }
 
 /// `duration` in nanoseconds, saturating: the unit of the lease clock.

@@ -479,6 +479,38 @@ impl Core {
         }
     }
 
+    /// This node took a peer's new generation as its data (it was a write
+    /// target), and the peer reports it abandoned: no write was
+    /// acknowledged in it, and no other node will carry it on. Its data is
+    /// back in the parent generation, with the abandoned id kept in the
+    /// history as the recorder keeps it; kept current, it would look like
+    /// a diverged line to every node that moved on from the parent.
+    fn leave_abandoned_data_generation(&mut self, peer_name: &str, report: &NodeReport) {
+        if self.primary_or_promoting() || self.generation_change.is_some() {
+            return;
+        }
+        let lineage = self.meta.superblock().lineage.clone();
+        let Some(parent) = report
+            .abandoned
+            .iter()
+            .find(|&&(generation, _)| generation == lineage.current.0)
+            .map(|&(_, parent)| Generation(parent))
+        else {
+            return;
+        };
+        let Some((mut back, _)) = lineage.back_to(parent) else {
+            return;
+        };
+        back.history.insert(0, lineage.current);
+        back.history
+            .truncate(crate::vocabulary::generation::MAX_GENERATION_HISTORY);
+        if self.persist("the return from an abandoned generation", |sb| {
+            sb.lineage = back;
+        }) {
+            tracing::warn!(peer = %peer_name, abandoned = %lineage.current, back_to = %parent, "this node's data generation was abandoned by its recorder: back in the generation before it");
+        }
+    }
+
     fn on_report(&mut self, peer: u8, report: NodeReport) {
         let (disk_before, role_before) = (self.disk, self.role());
         let Some(state) = self.peers.get_mut(&peer) else {
@@ -509,6 +541,7 @@ impl Core {
             state.sync_end_sent = None;
         }
         self.follow_superseded_vote(&name, &report);
+        self.leave_abandoned_data_generation(&name, &report);
         if first && peer_is_data && self.me.is_data() {
             let sb = self.meta.superblock();
             if sb.data_size_bytes > 0 && report.capacity_bytes < sb.data_size_bytes {
@@ -1522,16 +1555,22 @@ impl Core {
         let Some(tracker) = self.tracker.clone() else {
             return Response::refused("refused: a witness has no data to invalidate");
         };
+        // A source behind this node's data could never resync it:
+        // invalidating would throw away the newest copy.
+        let mine = self.meta.superblock().lineage.clone();
         let source = self.peers.values().find(|p| {
             p.node.is_data()
                 && p.connected()
-                && p.report
-                    .as_ref()
-                    .is_some_and(|r| r.disk == DiskState::UpToDate)
+                && p.report.as_ref().is_some_and(|r| {
+                    let theirs: Lineage = (&r.lineage).into();
+                    r.disk == DiskState::UpToDate
+                        && matches!(mine.relation_to(&theirs), Relation::Equal | Relation::Older)
+                })
         });
         let Some(source) = source else {
             return Response::refused(
-                "refused: invalidate needs a connected UpToDate peer to resync from",
+                "refused: invalidate needs a connected UpToDate peer with this node's data \
+                 generation or a newer one to resync from",
             );
         };
         let source_name = source.node.name.clone();

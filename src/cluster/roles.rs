@@ -573,12 +573,16 @@ impl Core {
         let mut callers = callers;
         let (mut previous, mut known_before, mut wrote_before) =
             (previous, known_before, wrote_before);
+        let mut superseded_asked = false;
+        let mut for_promotion = !callers.is_empty();
         if let Some(old) = self.generation_change.take() {
             // A change still unrecorded is superseded by this one.
             callers.extend(old.callers);
             previous = old.previous;
             known_before = old.known_before;
             wrote_before = old.wrote_before;
+            superseded_asked = old.superseded_asked || old.asked > 0;
+            for_promotion |= old.for_promotion;
         }
         let asked = waiting.len();
         self.generation_change = Some(GenerationChange {
@@ -594,6 +598,8 @@ impl Core {
             callers,
             adopted: NodeSet::EMPTY,
             refused: NodeSet::EMPTY,
+            superseded_asked,
+            for_promotion,
             deadline: tokio::time::Instant::now() + self.config.resource.ping_timeout * 2,
         });
         self.maybe_finish_generation();
@@ -709,7 +715,7 @@ impl Core {
         // voter asked said no, keeping it would only push real ancestors
         // out of the bounded history with each retry, until nodes that are
         // merely behind look diverged (a false split-brain).
-        let someone_may_know = change.refused.len() < change.asked;
+        let someone_may_know = change.superseded_asked || change.refused.len() < change.asked;
         self.persist("the return to the previous generation", |sb| {
             let mut lineage = previous.clone();
             if someone_may_know {
@@ -742,7 +748,7 @@ impl Core {
             self.config.nodes.len(),
             accepted.join(", ")
         );
-        let promoting = !change.callers.is_empty();
+        let promoting = change.for_promotion;
         self.answer_generation_callers(change.callers, Response::refused(refusal));
         if promoting && self.role() == Role::Primary {
             self.drop_source_resyncs("promotion could not record its generation");
