@@ -584,7 +584,7 @@ impl Core {
                 self.become_secondary("met a newer generation");
             }
         }
-        if self.disk == DiskState::Consistent && peer_is_data {
+        if self.disk == DiskState::Consistent && peer_is_data && !report.recording_generation {
             let theirs: Lineage = (&report.lineage).into();
             let relation = self.meta.superblock().lineage.relation_to(&theirs);
             self.resolve_disk(

@@ -882,6 +882,27 @@ async fn invalidate_refuses_a_source_behind_this_nodes_data() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_restarted_disk_is_not_judged_against_a_generation_still_being_recorded() {
+    let mut cluster = in_sync_cluster().await;
+    cluster.crash_and_restart(ALPHA);
+    assert_eq!(cluster.status(ALPHA).disk, DiskState::Consistent);
+    // beta's promotion reaches the record; the witness's answer is slow.
+    cluster.advance(cluster.ping_timeout() * 2).await;
+    drop(cluster.call_pending(BETA, primary()));
+    assert!(cluster.pump_until(|d| d.message.name() == "PromoteReply" && d.to == BETA));
+    cluster.hold(WITNESS, BETA);
+    cluster.pump();
+    assert!(cluster.sent(BETA, WITNESS).contains(&"NewGeneration"));
+    // alpha meets beta mid-record: beta's generation may yet fail.
+    cluster.connect(ALPHA, BETA);
+    assert_eq!(cluster.status(ALPHA).disk, DiskState::Consistent);
+    // It fails: beta goes back, and alpha's data is as current as beta's.
+    cluster.cut(BETA, WITNESS);
+    cluster.pump();
+    assert_eq!(cluster.status(ALPHA).disk, DiskState::UpToDate);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_connection_whose_role_is_not_reported_yet_counts_as_a_primary() {
     let mut cluster = in_sync_cluster().await;
     assert!(done(&cluster.call(BETA, primary())));
