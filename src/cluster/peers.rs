@@ -501,9 +501,7 @@ impl Core {
         let Some((mut back, _)) = lineage.back_to(parent) else {
             return;
         };
-        back.history.insert(0, lineage.current);
-        back.history
-            .truncate(crate::vocabulary::generation::MAX_GENERATION_HISTORY);
+        back.remember_failed(lineage.current);
         if self.persist("the return from an abandoned generation", |sb| {
             sb.lineage = back;
         }) {

@@ -62,12 +62,7 @@ pub fn abandon_interrupted_generation(meta: &mut MetaStore) -> Result<(), MetaEr
     let interrupted = sb.lineage.current;
     tracing::warn!(generation = %interrupted, back_to = %parent, "stopped while recording a new generation: going back to the one before it");
     meta.update(|sb| {
-        // A peer may have taken it as its data: keep it in the history as a
-        // failed record does (`Lineage::relation_to`).
-        lineage.history.insert(0, interrupted);
-        lineage
-            .history
-            .truncate(crate::vocabulary::generation::MAX_GENERATION_HISTORY);
+        lineage.remember_failed(interrupted);
         if given_up.contains(&sb.known) {
             sb.known = parent;
         }
@@ -726,10 +721,7 @@ impl Core {
                     .back_to(previous.current)
                     .map_or_else(|| vec![failed], |(_, given_up)| given_up);
                 sb.abandon(&given_up, previous.current);
-                lineage.history.insert(0, failed);
-                lineage
-                    .history
-                    .truncate(crate::vocabulary::generation::MAX_GENERATION_HISTORY);
+                lineage.remember_failed(failed);
             }
             sb.recording_from = None;
             sb.lineage = lineage;

@@ -109,6 +109,14 @@ impl Lineage {
         self.current = next;
     }
 
+    /// Keeps `failed`, a generation given up before a majority recorded
+    /// it, at the head of the history: a peer may have taken it as its
+    /// data, and the two must still relate (see `relation_to`).
+    pub fn remember_failed(&mut self, failed: Generation) {
+        self.history.insert(0, failed);
+        self.history.truncate(MAX_GENERATION_HISTORY);
+    }
+
     /// The lineage as it was at `parent`, an ancestor, and the ids after
     /// it, newest first. `None` if `parent` is not in this lineage.
     pub fn back_to(&self, parent: Generation) -> Option<(Lineage, Vec<Generation>)> {
