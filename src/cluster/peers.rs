@@ -37,7 +37,7 @@ use crate::replication::link::PeerLink;
 use crate::replication::resync::{self, SourceContext, SyncError, SyncStats};
 use crate::replication::session::{self, PeerEvent};
 use crate::replication::wire::{Frame, Message, NodeReport, SyncMode, WireLineage};
-use crate::vocabulary::generation::{Generation, Lineage, Relation};
+use crate::vocabulary::generation::{keep_abandoned, Abandoned, Generation, Lineage, Relation};
 use crate::vocabulary::node::NodeSet;
 use crate::vocabulary::state::{DiskState, ReplicationState, Role};
 
@@ -509,6 +509,27 @@ impl Core {
         }
     }
 
+    /// Keeps the generations the peer reports abandoned that branch off
+    /// this node's line, to pass them on (see `keep_abandoned`). Whether
+    /// this node's list changed: its peers must hear it.
+    fn learn_abandoned(&mut self, report: &NodeReport) -> bool {
+        let heard = report
+            .abandoned
+            .iter()
+            .map(|&(generation, parent)| Abandoned {
+                generation: Generation(generation),
+                parent: Generation(parent),
+            });
+        let sb = self.meta.superblock();
+        let kept = keep_abandoned(&sb.lineage, sb.abandoned.iter().copied().chain(heard));
+        if kept == sb.abandoned {
+            return false;
+        }
+        self.persist("the generations other nodes abandoned", |sb| {
+            sb.abandoned = kept;
+        })
+    }
+
     fn on_report(&mut self, peer: u8, report: NodeReport) {
         let (disk_before, role_before) = (self.disk, self.role());
         let Some(state) = self.peers.get_mut(&peer) else {
@@ -538,8 +559,10 @@ impl Core {
         {
             state.sync_end_sent = None;
         }
+        let lineage_before = self.meta.superblock().lineage.current;
         self.follow_superseded_vote(&name, &report);
         self.leave_abandoned_data_generation(&name, &report);
+        let passes_on = self.learn_abandoned(&report);
         if first && peer_is_data && self.me.is_data() {
             let sb = self.meta.superblock();
             if sb.data_size_bytes > 0 && report.capacity_bytes < sb.data_size_bytes {
@@ -621,8 +644,10 @@ impl Core {
         if role_changed {
             self.refresh_refusal();
         }
-        let my_state_changed = self.disk != disk_before || self.role() != role_before;
-        if first || my_state_changed {
+        let my_state_changed = self.disk != disk_before
+            || self.role() != role_before
+            || self.meta.superblock().lineage.current != lineage_before;
+        if first || my_state_changed || passes_on {
             // Peers learn our view of the new connection, and our resolved
             // state, before any resync this report leads to.
             self.send_reports();
@@ -723,6 +748,16 @@ impl Core {
         if matches!(report.disk, DiskState::Diskless | DiskState::Failed)
             || report.recording_generation
         {
+            return;
+        }
+        // The peer holds a generation this node knows was abandoned: it goes
+        // back to the parent once it hears (this node's reports say so).
+        // Its line only looks diverged until then.
+        let sb = self.meta.superblock();
+        let peer_leaves = sb.abandoned.iter().any(|a| {
+            a.generation.0 == report.lineage.current && report.lineage.history.contains(&a.parent.0)
+        });
+        if peer_leaves {
             return;
         }
         let theirs = side_from_report(peer, report, self.me.id);

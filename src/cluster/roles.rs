@@ -66,8 +66,8 @@ pub fn abandon_interrupted_generation(meta: &mut MetaStore) -> Result<(), MetaEr
         if given_up.contains(&sb.known) {
             sb.known = parent;
         }
-        sb.abandon(&given_up, parent);
         sb.lineage = lineage;
+        sb.abandon(&given_up, parent);
         sb.recording_from = None;
     })
 }
@@ -712,19 +712,18 @@ impl Core {
         // merely behind look diverged (a false split-brain).
         let someone_may_know = change.superseded_asked || change.refused.len() < change.asked;
         self.persist("the return to the previous generation", |sb| {
-            let mut lineage = previous.clone();
+            let given_up = sb
+                .lineage
+                .back_to(previous.current)
+                .map_or_else(|| vec![failed], |(_, given_up)| given_up);
+            sb.lineage = previous.clone();
             if someone_may_know {
                 // Voters that recorded it hear it was given up, even once
                 // this node's lineage has moved on.
-                let given_up = sb
-                    .lineage
-                    .back_to(previous.current)
-                    .map_or_else(|| vec![failed], |(_, given_up)| given_up);
+                sb.lineage.remember_failed(failed);
                 sb.abandon(&given_up, previous.current);
-                lineage.remember_failed(failed);
             }
             sb.recording_from = None;
-            sb.lineage = lineage;
             // No write was acknowledged in the failed generation, so this
             // node need not hold out for it as a voter: kept, it would
             // refuse every generation of a Primary the majority chose.

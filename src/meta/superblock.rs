@@ -13,7 +13,7 @@
 use super::layout::{Layout, META_BLOCK_BYTES};
 use crate::config::MAX_NAME_LEN;
 use crate::vocabulary::generation::{
-    Abandoned, Generation, Lineage, MAX_ABANDONED, MAX_GENERATION_HISTORY,
+    keep_abandoned, Abandoned, Generation, Lineage, MAX_ABANDONED, MAX_GENERATION_HISTORY,
 };
 
 pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"HABLK\0SB";
@@ -109,8 +109,9 @@ pub struct Superblock {
     /// the generation to go back to if this node restarts before the
     /// record settles (no write was acknowledged in the new one yet).
     pub recording_from: Option<Generation>,
-    /// Generations this node gave up, newest first, at most
-    /// [`MAX_ABANDONED`]: reported, so voters holding one give it back.
+    /// Generations given up before a majority recorded them, by this node
+    /// or by the nodes it heard from (see [`keep_abandoned`]): reported,
+    /// so a node holding one gives it back.
     pub abandoned: Vec<Abandoned>,
 }
 
@@ -421,13 +422,15 @@ impl Superblock {
         })
     }
 
-    /// Remembers generations given up before a majority recorded them
-    /// (newest first), dropping the oldest beyond [`MAX_ABANDONED`].
+    /// Remembers generations given up before a majority recorded them,
+    /// all branching off `parent`, keeping what [`keep_abandoned`] keeps;
+    /// call it once the lineage is back in `parent`.
     pub fn abandon(&mut self, given_up: &[Generation], parent: Generation) {
-        for &generation in given_up.iter().rev() {
-            self.abandoned.insert(0, Abandoned { generation, parent });
-        }
-        self.abandoned.truncate(MAX_ABANDONED);
+        let entries = given_up
+            .iter()
+            .map(|&generation| Abandoned { generation, parent });
+        self.abandoned =
+            keep_abandoned(&self.lineage, self.abandoned.iter().copied().chain(entries));
     }
 
     /// Bitmap slot that tracks `peer`, if one is assigned.

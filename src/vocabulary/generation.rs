@@ -19,9 +19,10 @@ use serde::{Serialize, Serializer};
 pub const MAX_GENERATION_HISTORY: usize = 64;
 
 /// At most this many abandoned generations are remembered (see
-/// [`Abandoned`]). One is added per failed record; a voter still holding
-/// one this old has been away for that many failed promotions, and is
-/// told again by the next report of a lineage that moved past it.
+/// [`Abandoned`] and [`keep_abandoned`]). One is added per failed record;
+/// a node still holding one this old has been away for that many failed
+/// promotions, and is told again by the next report of a lineage that
+/// moved past it.
 pub const MAX_ABANDONED: usize = 8;
 
 /// One line of data history.
@@ -75,6 +76,35 @@ pub struct Abandoned {
     pub parent: Generation,
 }
 
+/// The abandoned generations a node keeps out of `entries` (its own list,
+/// and those it gave up or heard of): the ones branching off `lineage`,
+/// newest branch point first (ties by id), at most [`MAX_ABANDONED`].
+///
+/// Every node passes on what it keeps, not only the recorder: the node
+/// holding an abandoned generation (it took it as its data or its vote
+/// before the record failed) may next meet only nodes that never talked
+/// to the recorder, and its line would look diverged from theirs. A
+/// generation branching off elsewhere cannot look diverged from this
+/// node's line, so it is not kept. The result depends only on the lineage
+/// and the set of entries: nodes of one lineage that pass lists to each
+/// other settle on the same list instead of trading entries forever.
+pub fn keep_abandoned(
+    lineage: &Lineage,
+    entries: impl IntoIterator<Item = Abandoned>,
+) -> Vec<Abandoned> {
+    let mut kept: Vec<(usize, Abandoned)> = entries
+        .into_iter()
+        .filter_map(|entry| Some((lineage.depth_of(entry.parent)?, entry)))
+        .collect();
+    // One entry per generation (a peer may send anything): the one that
+    // branches off nearest.
+    kept.sort_by_key(|&(depth, entry)| (entry.generation, depth));
+    kept.dedup_by_key(|&mut (_, entry)| entry.generation);
+    kept.sort_by_key(|&(depth, entry)| (depth, entry.generation));
+    kept.truncate(MAX_ABANDONED);
+    kept.into_iter().map(|(_, entry)| entry).collect()
+}
+
 /// How two lineages relate, from the point of view of `self`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Relation {
@@ -99,6 +129,18 @@ impl Lineage {
     /// Whether `generation` is this lineage's current id or one of its ancestors.
     pub fn contains(&self, generation: Generation) -> bool {
         self.current == generation || self.history.contains(&generation)
+    }
+
+    /// How far back `generation` lies: 0 for the current id, `i + 1` for
+    /// the ancestor at `history[i]`.
+    pub fn depth_of(&self, generation: Generation) -> Option<usize> {
+        if self.current == generation {
+            return Some(0);
+        }
+        self.history
+            .iter()
+            .position(|&g| g == generation)
+            .map(|i| i + 1)
     }
 
     /// Moves to `next`, pushing the current id into the history.
@@ -221,6 +263,39 @@ mod tests {
                 Relation::Diverged => Relation::Diverged,
             };
             prop_assert_eq!(b.relation_to(&a), expected);
+        }
+
+        /// Nodes of one lineage that pass abandoned lists to each other, in
+        /// any order and any number of times, settle on one list: what
+        /// each keeps depends only on the set it saw.
+        #[test]
+        fn abandoned_lists_settle(
+            depth in 0usize..12,
+            heard in prop::collection::vec(prop::collection::vec((0u64..40, 0usize..16), 0..10), 1..4),
+        ) {
+            let mut lineage = Lineage::initial();
+            for id in 1..=depth as u64 { lineage.advance(Generation(1000 + id)); }
+            let entry = |(generation, parent): (u64, usize)| Abandoned {
+                generation: Generation(generation),
+                // Parents past the lineage's depth are not in it.
+                parent: Generation(if parent == 0 { 0 } else { 1000 + parent as u64 }),
+            };
+            let lists: Vec<Vec<Abandoned>> = heard
+                .iter()
+                .map(|h| keep_abandoned(&lineage, h.iter().copied().map(entry)))
+                .collect();
+            let all = keep_abandoned(&lineage, heard.iter().flatten().copied().map(entry));
+            // Merging every node's list, in either order, gives the list
+            // kept from everything heard.
+            let forward = lists.iter().fold(Vec::new(), |acc, l| keep_abandoned(&lineage, acc.into_iter().chain(l.iter().copied())));
+            let backward = lists.iter().rev().fold(Vec::new(), |acc, l| keep_abandoned(&lineage, acc.into_iter().chain(l.iter().copied())));
+            prop_assert_eq!(&forward, &all);
+            prop_assert_eq!(&backward, &all);
+            prop_assert_eq!(keep_abandoned(&lineage, all.iter().copied()), all.clone());
+            prop_assert!(all.len() <= MAX_ABANDONED);
+            for kept in &all {
+                prop_assert!(lineage.contains(kept.parent));
+            }
         }
 
         #[test]
