@@ -25,7 +25,7 @@ use tokio::sync::oneshot;
 
 use super::core::{Core, Internal, SkipSync};
 use super::lease::{self, now_nanos};
-use super::peer_state::SyncRun;
+use super::peer_state::{PeerSync, SyncRun};
 use super::sync_rules::{decide, Decision, Side};
 use super::voter;
 use crate::control::protocol::{Request, Response};
@@ -39,7 +39,7 @@ use crate::replication::session::{self, PeerEvent};
 use crate::replication::wire::{Frame, Message, NodeReport, SyncMode, WireLineage};
 use crate::vocabulary::generation::{keep_abandoned, Abandoned, Generation, Lineage, Relation};
 use crate::vocabulary::node::NodeSet;
-use crate::vocabulary::state::{DiskState, ReplicationState, Role};
+use crate::vocabulary::state::{DiskState, Role};
 
 /// Bitmap words per `Bitmap` frame during the exchange.
 const BITMAP_WORDS_PER_FRAME: usize = 64 << 10;
@@ -328,12 +328,10 @@ impl Core {
                 tracing::info!(peer = %self.peer_name(peer), reason = %reason, "resync refused by the target");
                 let report = self.report_for(peer);
                 if let Some(state) = self.peers.get_mut(&peer) {
-                    if let Some(run) = state.sync.take() {
-                        if let Some(task) = run.task {
-                            task.abort();
-                        }
+                    if !state.streams_resync() {
+                        return;
                     }
-                    state.replication = ReplicationState::Established;
+                    state.set_sync(PeerSync::Established, "the target refused the resync");
                     // The target may have refused on a stale view of this
                     // node: give it a fresh one, and a moment, before the
                     // next offer.
@@ -630,7 +628,7 @@ impl Core {
             let was_target = self.peers.get(&peer).is_some_and(|p| p.receives_writes);
             if let Some(state) = self.peers.get_mut(&peer) {
                 state.receives_writes = false;
-                state.replication = ReplicationState::Off;
+                state.set_sync(PeerSync::Off, "the peer has no disk");
             }
             if was_target {
                 tracing::warn!(peer = %name, "peer's disk failed: replicating without it");
@@ -680,7 +678,7 @@ impl Core {
         };
         let Some(report) = &state.report else { return };
         let sb = self.meta.superblock();
-        let in_sync = state.sync.is_none()
+        let in_sync = !state.sync.is_running()
             && report.disk == DiskState::UpToDate
             && self.disk == DiskState::UpToDate
             && Generation(report.lineage.current) == sb.lineage.current
@@ -736,7 +734,7 @@ impl Core {
         // The end of the record sends reports and decides again.
         if !state.node.is_data()
             || !state.connected()
-            || state.sync.is_some()
+            || state.sync.is_running()
             || state.split_brain
             || state.sync_end_sent.is_some()
             || state.retry_exchange_at.is_some()
@@ -776,7 +774,7 @@ impl Core {
             Decision::SplitBrain => self.split_brain(peer, report.wrote_in_generation),
             Decision::None => {
                 if let Some(state) = self.peers.get_mut(&peer) {
-                    state.replication = ReplicationState::Established;
+                    state.set_sync(PeerSync::Established, "nothing to resync");
                 }
             }
             Decision::Sync { source, full, .. } if source == self.me.id => {
@@ -876,16 +874,13 @@ impl Core {
         let total_bytes = tracker.dirty_bytes(peer);
         link.send(Message::SyncBegin { mode, total_bytes }, Bytes::new());
         tracing::info!(peer = %state.node.name, ?mode, out_of_sync_bytes = total_bytes, "resync: exchanging bitmaps as source");
-        state.replication = ReplicationState::SyncSource;
-        state.sync = Some(SyncRun {
-            source: true,
+        let run = SyncRun {
             mode,
-            streaming: false,
-            verify: false,
             stats: Arc::new(SyncStats::new(total_bytes)),
             task: None,
             generation,
-        });
+        };
+        state.set_sync(PeerSync::SourceExchanging(run), "offered a resync");
     }
 
     fn on_bitmap_words(&mut self, peer: u8, first_word: u64, payload: &[u8]) {
@@ -900,11 +895,7 @@ impl Core {
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
             .collect();
-        if state
-            .sync
-            .as_ref()
-            .is_some_and(|r| r.source && !r.streaming)
-        {
+        if matches!(state.sync, PeerSync::SourceExchanging(_)) {
             // The target's answer to this node's exchange.
             tracker.with_bitmap(peer, |b| b.merge_words(first_word, &words));
         } else {
@@ -927,12 +918,17 @@ impl Core {
                 if self.me.id < peer {
                     return;
                 }
-                if let Some(run) = state.sync.take() {
-                    if let Some(task) = run.task {
-                        task.abort();
-                    }
-                }
+                state.set_sync(PeerSync::Established, "the peer offered a resync too");
             }
+        }
+        if matches!(
+            self.peers.get(&peer).map(|p| &p.sync),
+            Some(PeerSync::Verifying(_))
+        ) {
+            self.end_verify(
+                peer,
+                Response::failed("verify interrupted: the peer started a resync"),
+            );
         }
         // The source decided on what it knew of this node; check, with this
         // node's state as it is now, that the rules agree — a stale view
@@ -950,7 +946,7 @@ impl Core {
         let other_source = self
             .peers
             .iter()
-            .any(|(&id, p)| id != peer && p.sync.as_ref().is_some_and(|r| !r.source && !r.verify));
+            .any(|(&id, p)| id != peer && matches!(p.sync, PeerSync::Target(_)));
         // While another node is Primary, this node may be taking its
         // writes: only that Primary may overwrite them.
         let other_primary = self.other_primary_connected(peer);
@@ -1015,16 +1011,13 @@ impl Core {
             link.send(Message::Bitmap { first_word }, Bytes::from(payload));
         }
         link.send(Message::BitmapDone, Bytes::new());
-        state.replication = ReplicationState::SyncTarget;
-        state.sync = Some(SyncRun {
-            source: false,
+        let run = SyncRun {
             mode,
-            streaming: true,
-            verify: false,
             stats: Arc::new(SyncStats::new(union)),
             task: None,
             generation,
-        });
+        };
+        state.set_sync(PeerSync::Target(run), "took the peer's resync offer");
         let name = state.node.name.clone();
         if overwritten {
             tracing::info!(peer = %name, ?mode, out_of_sync_bytes = union, "resync: this node is the target");
@@ -1059,18 +1052,17 @@ impl Core {
         let Some(link) = state.link.clone() else {
             return;
         };
-        let Some(run) = state.sync.as_mut().filter(|r| r.source && !r.streaming) else {
+        let PeerSync::SourceExchanging(exchanged) = &state.sync else {
             tracing::debug!(peer = %state.node.name, "BitmapDone without an exchange");
             return;
         };
-        run.streaming = true;
+        let (mode, generation) = (exchanged.mode, exchanged.generation);
         let union = tracker.dirty_bytes(peer);
-        run.stats = Arc::new(SyncStats::new(union));
-        let mode = run.mode;
+        let stats = Arc::new(SyncStats::new(union));
         if is_primary {
             state.receives_writes = true;
         }
-        let stats = run.stats.clone();
+        let run_stats = stats.clone();
         let ctx = SourceContext {
             storage: volume.storage().clone(),
             tracker,
@@ -1089,7 +1081,13 @@ impl Core {
                 })
                 .await;
         });
-        run.task = Some(task.abort_handle());
+        let run = SyncRun {
+            mode,
+            stats: run_stats,
+            task: Some(task.abort_handle()),
+            generation,
+        };
+        state.set_sync(PeerSync::SourceStreaming(run), "the target sent its bitmap");
         tracing::info!(peer = %state.node.name, ?mode, out_of_sync_bytes = union, "resync: streaming");
         if is_primary {
             self.refresh_targets();
@@ -1106,10 +1104,19 @@ impl Core {
         if state.link.as_ref().map(|l| l.session) != Some(session) {
             return;
         }
+        // A run dropped meanwhile (invalidate, the peer's own offer) hands
+        // nothing over, even if its last block went out.
+        let PeerSync::SourceStreaming(run) = &state.sync else {
+            return;
+        };
         let name = state.node.name.clone();
-        let began_in = state.sync.as_ref().map(|r| r.generation);
+        let began_in = run.generation;
+        let bytes = run
+            .stats
+            .sent_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
         match result {
-            Ok(()) if !primary && began_in != Some(generation) => {
+            Ok(()) if !primary && began_in != generation => {
                 // This node took another node's generation while streaming
                 // (adopted a Primary's, or finished a resync of its own):
                 // the target does not get that generation's writes, so no
@@ -1120,28 +1127,26 @@ impl Core {
                 }
             }
             Ok(()) => {
-                let bytes = state.sync.as_ref().map_or(0, |r| {
-                    r.stats
-                        .sent_bytes
-                        .load(std::sync::atomic::Ordering::Relaxed)
-                });
-                state.sync = None;
-                state.replication = ReplicationState::Established;
+                state.set_sync(PeerSync::Established, "resync done");
                 state.in_sync_at = Some(generation);
                 // The SyncEnd hands it this generation before its next
                 // report can say so.
                 state.saw_generation = Some(generation);
                 state.sync_end_sent = Some(generation);
-                if let Some(link) = &state.link {
+                let link = state.link.clone();
+                // The bitmap toward the peer now tracks since this
+                // generation: durable before the SyncEnd says so.
+                if let Some(slot) = self.meta.superblock().slot_of(peer) {
+                    if !self.persist("the bitmap's tracking generation", |sb| {
+                        sb.peer_slots[usize::from(slot)].tracking = Some(generation)
+                    }) {
+                        return;
+                    }
+                }
+                if let Some(link) = link {
                     link.send(Message::SyncEnd { lineage }, Bytes::new());
                 }
                 tracing::info!(peer = %name, data_bytes_sent = bytes, "resync done (source)");
-                let sb = self.meta.superblock();
-                if let Some(slot) = sb.slot_of(peer) {
-                    let _ = self
-                        .meta
-                        .update(|sb| sb.peer_slots[usize::from(slot)].tracking = Some(generation));
-                }
             }
             Err(SyncError::PeerLost) => {}
             Err(e) => {
@@ -1158,8 +1163,7 @@ impl Core {
         let expected = self
             .peers
             .get(&peer)
-            .and_then(|p| p.sync.as_ref())
-            .is_some_and(|r| !r.source && !r.verify);
+            .is_some_and(|p| matches!(p.sync, PeerSync::Target(_)));
         if !expected || self.role() == Role::Primary {
             tracing::info!(peer = %self.peer_name(peer), "ignoring SyncEnd: this node is not its resync target; reconnecting to decide again");
             self.close_link(peer, "a SyncEnd this node cannot take");
@@ -1217,8 +1221,7 @@ impl Core {
         }
         self.set_disk(DiskState::UpToDate, "resync done");
         if let Some(state) = self.peers.get_mut(&peer) {
-            state.sync = None;
-            state.replication = ReplicationState::Established;
+            state.set_sync(PeerSync::Established, "resync done");
             state.discard_my_data = false;
             state.in_sync_at = Some(generation);
             // The SyncEnd is the source's newest word on its data: a report
@@ -1249,7 +1252,7 @@ impl Core {
             is_data: self.me.is_data(),
             disk: self.disk,
             current: sb.lineage.current,
-            resyncing_with_sender: self.peers.get(&peer).map_or(true, |p| p.sync.is_some()),
+            resyncing_with_sender: self.peers.get(&peer).map_or(true, |p| p.sync.is_running()),
         };
         let data_after = voter::data_after(me, &new, may_adopt);
         // An answer says the vote is durable: one this node could not
@@ -1489,7 +1492,7 @@ impl Core {
             self.peers.get(id).is_some_and(|p| {
                 p.node.is_data()
                     && p.connected()
-                    && p.sync.is_none()
+                    && matches!(p.sync, PeerSync::Established)
                     && p.report
                         .as_ref()
                         .is_some_and(|r| r.disk == DiskState::UpToDate)
@@ -1538,29 +1541,26 @@ impl Core {
                 })
                 .await;
         });
-        state.replication = ReplicationState::VerifyS;
-        state.sync = Some(SyncRun {
-            source: true,
+        let run = SyncRun {
             mode: SyncMode::Hash,
-            streaming: true,
-            verify: true,
             stats,
             task: Some(task.abort_handle()),
             generation: self.meta.superblock().lineage.current,
-        });
+        };
+        state.set_sync(PeerSync::Verifying(run), "verify asked for");
         tracing::info!(peer = %state.node.name, "online verify started");
         self.verify_callers.insert(peer, reply);
     }
 
     pub(super) fn verify_done(&mut self, peer: u8, session: u64, result: Result<u64, SyncError>) {
-        let Some(state) = self.peers.get_mut(&peer) else {
+        let Some(state) = self.peers.get(&peer) else {
             return;
         };
-        if state.link.as_ref().map(|l| l.session) != Some(session) {
+        if state.link.as_ref().map(|l| l.session) != Some(session)
+            || !matches!(state.sync, PeerSync::Verifying(_))
+        {
             return;
         }
-        state.sync = None;
-        state.replication = ReplicationState::Established;
         let name = state.node.name.clone();
         let response = match result {
             Ok(0) => Response::done(format!("verify with {name}: all blocks identical")),
@@ -1574,6 +1574,16 @@ impl Core {
             }
             Err(e) => Response::failed(format!("verify with {name} failed: {e}")),
         };
+        self.end_verify(peer, response);
+    }
+
+    /// Ends the verify running against `peer` and answers its caller.
+    fn end_verify(&mut self, peer: u8, response: Response) {
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        state.set_sync(PeerSync::Established, "verify ended");
+        let name = state.node.name.clone();
         if let Some(caller) = self.verify_callers.remove(&peer) {
             self.answer(&Request::Verify { peer: Some(name) }, caller, response);
         }
@@ -1611,11 +1621,11 @@ impl Core {
         let ids: Vec<u8> = self.peers.keys().copied().collect();
         for id in ids {
             tracker.with_bitmap(id, |b| b.set_range(0..data_blocks));
-            if let Some(state) = self.peers.get_mut(&id) {
-                if let Some(run) = state.sync.take() {
-                    if let Some(task) = run.task {
-                        task.abort();
-                    }
+            if self.peers.get(&id).is_some_and(|p| p.sync.is_running()) {
+                if matches!(self.peers[&id].sync, PeerSync::Verifying(_)) {
+                    self.end_verify(id, Response::failed("verify interrupted: invalidate"));
+                } else if let Some(state) = self.peers.get_mut(&id) {
+                    state.set_sync(PeerSync::Established, "invalidate");
                 }
             }
         }

@@ -29,6 +29,7 @@ use tokio::sync::oneshot;
 
 use super::core::{Core, Demotion, GenerationChange, Stopped};
 use super::lease::{self, now_nanos};
+use super::peer_state::PeerSync;
 use super::phase::{PrimaryPhase, Promotion, RolePhase};
 use super::promotion::{self, PromotionInput, PromotionRefusal};
 use crate::config::{OnNoQuorum, QuorumMode};
@@ -431,11 +432,8 @@ impl Core {
         for peer in self.peers.values_mut() {
             let in_sync = peer.report.as_ref().is_some_and(|r| {
                 Generation(r.lineage.current) == current && r.disk == DiskState::UpToDate
-            }) && peer.sync.is_none();
-            let resyncing = peer
-                .sync
-                .as_ref()
-                .is_some_and(|r| r.source && r.streaming && !r.verify);
+            }) && !peer.sync.is_running();
+            let resyncing = matches!(peer.sync, PeerSync::SourceStreaming(_));
             if peer.node.is_data() && peer.connected() && (in_sync || resyncing) {
                 peer.receives_writes = true;
             }

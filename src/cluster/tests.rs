@@ -604,7 +604,25 @@ pub(super) fn count_transition(machine: &'static str, from: String, to: String) 
 
 /// Transitions the tables allow that the shapes simulated here (quorum
 /// on) cannot make, and why.
-const NOT_IN_THESE_HISTORIES: [(&str, &str, &str, &str); 2] = [
+const NOT_IN_THESE_HISTORIES: [(&str, &str, &str, &str); 5] = [
+    (
+        "replication",
+        "Established",
+        "Verifying",
+        "verify is not one of these steps (it needs the peer's session to hash; tests/replication.rs runs it)",
+    ),
+    (
+        "replication",
+        "Verifying",
+        "Established",
+        "verify is not one of these steps (it needs the peer's session to hash; tests/replication.rs runs it)",
+    ),
+    (
+        "replication",
+        "Verifying",
+        "Off",
+        "verify is not one of these steps (it needs the peer's session to hash; tests/replication.rs runs it)",
+    ),
     (
         "phase",
         "Serving",
@@ -620,14 +638,23 @@ const NOT_IN_THESE_HISTORIES: [(&str, &str, &str, &str); 2] = [
 ];
 
 /// Every transition the engine may make, per its transition tables: role
-/// phases, and the disk states a node's own disk takes.
+/// phases, replication with a peer, and the disk states a node's own disk
+/// takes.
 fn transitions_allowed() -> Vec<(&'static str, String, String)> {
+    use super::peer_state::SyncKind;
     use super::phase::PhaseKind;
     let mut all = Vec::new();
     for from in PhaseKind::ALL {
         for to in PhaseKind::ALL {
             if from != to && from.may_become(to) {
                 all.push(("phase", format!("{from:?}"), format!("{to:?}")));
+            }
+        }
+    }
+    for from in SyncKind::ALL {
+        for to in SyncKind::ALL {
+            if from != to && from.may_become(to) {
+                all.push(("replication", format!("{from:?}"), format!("{to:?}")));
             }
         }
     }
@@ -1029,7 +1056,7 @@ async fn a_detached_disk_refuses_a_resync_offered_on_a_stale_view() {
     cluster.hold(ALPHA, BETA);
     cluster.pump();
     assert!(
-        cluster.cores[&ALPHA].peers[&BETA].sync.is_some(),
+        cluster.cores[&ALPHA].peers[&BETA].sync.is_running(),
         "alpha offered"
     );
     cluster.step(
