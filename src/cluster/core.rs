@@ -75,6 +75,8 @@ pub enum Internal {
     },
     /// An NBD client wants to attach to a Secondary with auto-promote.
     AutoPromote { reply: oneshot::Sender<CoreReply> },
+    /// The changed bitmap pages were written, or could not be.
+    BitmapsFlushed(Result<(), crate::meta::MetaError>),
 }
 
 /// Everything the core reacts to.
@@ -217,6 +219,8 @@ pub struct Core {
     pub(super) next_token: u64,
     /// `verify` callers by peer.
     pub(super) verify_callers: BTreeMap<u8, oneshot::Sender<CoreReply>>,
+    /// Background work queued by this step (see `jobs.rs`).
+    pub(super) jobs: Vec<super::jobs::Job>,
     objects: ObjectTracker,
 }
 
@@ -317,6 +321,7 @@ impl Core {
             skip_sync: None,
             next_token: 1,
             verify_callers: BTreeMap::new(),
+            jobs: Vec::new(),
             objects,
         };
         core.close_gate(Refusal::NotPrimary);
@@ -345,13 +350,15 @@ impl Core {
         stopped
     }
 
-    /// What follows from any state change, after every step.
+    /// What follows from any state change, after every step; then the
+    /// background work the step queued starts.
     pub(super) fn settle(&mut self) {
         self.check_quorum();
         self.drop_invalid_source_resyncs();
         self.refresh_lease();
         self.refresh_lease_grants();
         self.publish();
+        self.start_jobs();
     }
 
     async fn select(&mut self) -> Action {
@@ -395,6 +402,15 @@ impl Core {
             }
             Action::Internal(Internal::AutoPromote { reply }) => {
                 self.auto_promote(reply);
+                None
+            }
+            Action::Internal(Internal::BitmapsFlushed(result)) => {
+                // A bitmap page that is not on disk may forget, after a
+                // crash, blocks a peer still needs: the disk cannot be
+                // trusted as a resync source any more.
+                if let Err(error) = result {
+                    self.disk_failed(&format!("writing bitmap pages: {error}"));
+                }
                 None
             }
             Action::Established(established) => {
@@ -452,17 +468,8 @@ impl Core {
                 }
             }
         }
-        if let Some(tracker) = &self
-            .tracker
-            .as_ref()
-            .filter(|_| self.ticks % BITMAP_FLUSH_TICKS == 0)
-        {
-            let tracker = (*tracker).clone();
-            tokio::spawn(async move {
-                if let Err(e) = tracker.flush().await {
-                    tracing::error!(error = %e, "cannot write bitmap pages");
-                }
-            });
+        if self.tracker.is_some() && self.ticks % BITMAP_FLUSH_TICKS == 0 {
+            self.jobs.push(super::jobs::Job::FlushBitmaps);
         }
     }
 

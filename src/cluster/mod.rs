@@ -14,6 +14,7 @@
 //! [`crate::vocabulary`], shared with the wire format.
 
 pub mod core;
+mod jobs;
 pub mod lease;
 mod peer_state;
 mod peers;

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Node;
 use crate::control::protocol::{PeerStatus, SyncStatus};
@@ -22,8 +23,8 @@ use crate::vocabulary::state::{ConnectionState, DiskState, ReplicationState, Rol
 pub(super) struct SyncRun {
     pub mode: SyncMode,
     pub stats: Arc<SyncStats>,
-    /// The task streaming blocks or hashes, if this node runs one.
-    pub task: Option<tokio::task::AbortHandle>,
+    /// Ends the job streaming blocks or hashes, if this node runs one.
+    pub stop: Option<CancellationToken>,
     /// This node's data generation when the exchange began.
     pub generation: Generation,
 }
@@ -219,8 +220,8 @@ impl PeerState {
             super::tests::count_transition("replication", format!("{from:?}"), format!("{to:?}"));
         }
         let left = std::mem::replace(&mut self.sync, next);
-        if let Some(task) = left.run().and_then(|run| run.task.as_ref()) {
-            task.abort();
+        if let Some(stop) = left.run().and_then(|run| run.stop.as_ref()) {
+            stop.cancel();
         }
     }
 

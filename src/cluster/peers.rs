@@ -22,8 +22,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 
-use super::core::{Core, Internal, SkipSync};
+use super::core::{Core, SkipSync};
+use super::jobs::Job;
 use super::lease::{self, now_nanos};
 use super::peer_state::{PeerSync, SyncRun};
 use super::sync_rules::{decide, Decision, Side};
@@ -34,8 +36,8 @@ use crate::meta::bitmap::DirtyBitmap;
 use crate::meta::superblock::{StoredDisk, Superblock};
 use crate::replication::connector::{Established, Wanted};
 use crate::replication::link::PeerLink;
-use crate::replication::resync::{self, SourceContext, SyncError, SyncStats};
-use crate::replication::session::{self, PeerEvent};
+use crate::replication::resync::{SourceContext, SyncError, SyncStats};
+use crate::replication::session::PeerEvent;
 use crate::replication::wire::{Frame, Message, NodeReport, SyncMode, WireLineage};
 use crate::vocabulary::generation::{keep_abandoned, Abandoned, Generation, Lineage, Relation};
 use crate::vocabulary::node::NodeSet;
@@ -122,14 +124,12 @@ impl Core {
         let (link, outbox) = PeerLink::new(peer, name);
         let link = Arc::new(link);
         if self.link_up(link.clone()) {
-            tokio::spawn(session::run(
+            self.jobs.push(Job::Session {
                 stream,
                 leftover,
                 link,
                 outbox,
-                self.session_config.clone(),
-                self.peer_events_tx.clone(),
-            ));
+            });
         }
     }
 
@@ -287,7 +287,7 @@ impl Core {
         }
     }
 
-    fn disk_failed(&mut self, error: &str) {
+    pub(super) fn disk_failed(&mut self, error: &str) {
         if self.disk == DiskState::Diskless {
             return;
         }
@@ -877,7 +877,7 @@ impl Core {
         let run = SyncRun {
             mode,
             stats: Arc::new(SyncStats::new(total_bytes)),
-            task: None,
+            stop: None,
             generation,
         };
         state.set_sync(PeerSync::SourceExchanging(run), "offered a resync");
@@ -1014,7 +1014,7 @@ impl Core {
         let run = SyncRun {
             mode,
             stats: Arc::new(SyncStats::new(union)),
-            task: None,
+            stop: None,
             generation,
         };
         state.set_sync(PeerSync::Target(run), "took the peer's resync offer");
@@ -1045,7 +1045,6 @@ impl Core {
         let is_primary = self.role() == Role::Primary;
         let data_bytes = self.data_bytes();
         let rate = self.config.resource.resync_rate_bytes_per_sec;
-        let internal = self.internal_tx.clone();
         let Some(state) = self.peers.get_mut(&peer) else {
             return;
         };
@@ -1070,24 +1069,24 @@ impl Core {
             rate_bytes_per_sec: rate,
             data_bytes,
         };
-        let session = link.session;
-        let task = tokio::spawn(async move {
-            let result = resync::run_source(link, ctx, mode, stats).await;
-            let _ = internal
-                .send(Internal::SyncDone {
-                    peer,
-                    session,
-                    result,
-                })
-                .await;
-        });
+        let stop = CancellationToken::new();
         let run = SyncRun {
             mode,
             stats: run_stats,
-            task: Some(task.abort_handle()),
+            stop: Some(stop.clone()),
             generation,
         };
         state.set_sync(PeerSync::SourceStreaming(run), "the target sent its bitmap");
+        self.jobs.push(Job::Resync {
+            link,
+            ctx,
+            mode,
+            stats,
+            stop,
+        });
+        let Some(state) = self.peers.get(&peer) else {
+            return;
+        };
         tracing::info!(peer = %state.node.name, ?mode, out_of_sync_bytes = union, "resync: streaming");
         if is_primary {
             self.refresh_targets();
@@ -1514,7 +1513,6 @@ impl Core {
             );
         }
         let data_bytes = self.data_bytes();
-        let internal = self.internal_tx.clone();
         let Some(state) = self.peers.get_mut(&peer) else {
             return;
         };
@@ -1529,22 +1527,17 @@ impl Core {
             rate_bytes_per_sec: 0,
             data_bytes,
         };
-        let session = link.session;
-        let task_stats = stats.clone();
-        let task = tokio::spawn(async move {
-            let result = resync::run_verify(link, ctx, task_stats).await;
-            let _ = internal
-                .send(Internal::VerifyDone {
-                    peer,
-                    session,
-                    result,
-                })
-                .await;
+        let stop = CancellationToken::new();
+        self.jobs.push(Job::Verify {
+            link,
+            ctx,
+            stats: stats.clone(),
+            stop: stop.clone(),
         });
         let run = SyncRun {
             mode: SyncMode::Hash,
             stats,
-            task: Some(task.abort_handle()),
+            stop: Some(stop),
             generation: self.meta.superblock().lineage.current,
         };
         state.set_sync(PeerSync::Verifying(run), "verify asked for");

@@ -873,17 +873,7 @@ impl Core {
             stop,
             stop_reply,
         });
-        let mut clients = self.clients.subscribe();
-        let volume = self.volume.clone();
-        let done = self.internal_tx.clone();
-        tokio::spawn(async move {
-            let _ = clients.wait_for(|&attached| attached == 0).await;
-            let flushed = match volume {
-                Some(volume) => volume.flush_all().await,
-                None => Ok(()),
-            };
-            let _ = done.send(super::core::Internal::Drained(flushed)).await;
-        });
+        self.jobs.push(super::jobs::Job::Drain);
     }
 
     pub(super) fn finish_demotion(&mut self, flushed: io::Result<()>) -> Option<Stopped> {

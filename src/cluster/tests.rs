@@ -1204,6 +1204,30 @@ async fn a_node_left_in_an_abandoned_generation_hears_of_it_from_nodes_that_neve
     assert_ne!(alpha.lineage.current, abandoned);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_bitmap_page_that_cannot_be_written_detaches_the_disk() {
+    let mut cluster = in_sync_cluster().await;
+    assert!(done(&cluster.call(ALPHA, primary())));
+    // The write of alpha's changed bitmap pages failed: after a crash the
+    // bitmap could forget blocks beta needs.
+    let failed = crate::meta::MetaError::Io {
+        what: "writing bitmap pages to",
+        path: "alpha.img".into(),
+        source: std::io::Error::other("injected"),
+    };
+    cluster.step(
+        ALPHA,
+        Action::Internal(super::core::Internal::BitmapsFlushed(Err(failed))),
+    );
+    cluster.pump();
+    assert_eq!(cluster.status(ALPHA).disk, DiskState::Diskless);
+    assert_eq!(
+        cluster.cores[&ALPHA].meta.superblock().disk,
+        crate::meta::superblock::StoredDisk::Inconsistent,
+        "recorded as untrustworthy for the restart"
+    );
+}
+
 /// One step of an engine history. Chosen at random against the cluster's
 /// state, then taken the same way whether it was just chosen or is
 /// replayed from a list (a step that no longer applies, such as a cut of
