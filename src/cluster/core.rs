@@ -11,9 +11,9 @@
 //! without any handler having to remember it.
 //!
 //! Steps that must wait (a demotion waits for in-flight client writes and a
-//! flush; a resync runs for minutes) run as background tasks that report
-//! back as an [`Internal`] action; the core keeps the caller's reply until
-//! then.
+//! flush; a resync runs for minutes) are queued as jobs (`jobs.rs`),
+//! started after the step, that report back as an [`Internal`] action; the
+//! core keeps the caller's reply until then.
 
 use std::collections::BTreeMap;
 use std::io;
