@@ -221,6 +221,8 @@ pub struct Core {
     pub(super) verify_callers: BTreeMap<u8, oneshot::Sender<CoreReply>>,
     /// Background work queued by this step (see `jobs.rs`).
     pub(super) jobs: Vec<super::jobs::Job>,
+    /// Frames queued by this step (see `outbox.rs`).
+    pub(super) outbox: super::outbox::Outbox,
     objects: ObjectTracker,
 }
 
@@ -322,6 +324,7 @@ impl Core {
             next_token: 1,
             verify_callers: BTreeMap::new(),
             jobs: Vec::new(),
+            outbox: Default::default(),
             objects,
         };
         core.close_gate(Refusal::NotPrimary);
@@ -358,6 +361,7 @@ impl Core {
         self.refresh_lease();
         self.refresh_lease_grants();
         self.publish();
+        self.outbox.flush();
         self.start_jobs();
     }
 
@@ -742,9 +746,11 @@ impl Core {
         for peer in self.peers.values() {
             let _ = peer.wanted.send(crate::replication::connector::Wanted::Off);
             if let Some(link) = &peer.link {
-                link.send(Message::Leaving, bytes::Bytes::new());
+                self.outbox
+                    .send(link, Message::Leaving, bytes::Bytes::new());
             }
         }
+        self.outbox.flush();
     }
 
     pub(super) fn close_gate(&self, refusal: Refusal) {

@@ -16,6 +16,7 @@
 pub mod core;
 mod jobs;
 pub mod lease;
+mod outbox;
 mod peer_state;
 mod peers;
 mod phase;

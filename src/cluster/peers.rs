@@ -78,7 +78,11 @@ impl Core {
     pub(super) fn send_reports(&self) {
         for peer in self.peers.values() {
             if let Some(link) = &peer.link {
-                link.send(Message::Report(self.report_for(peer.node.id)), Bytes::new());
+                self.outbox.send(
+                    link,
+                    Message::Report(self.report_for(peer.node.id)),
+                    Bytes::new(),
+                );
             }
         }
     }
@@ -168,7 +172,8 @@ impl Core {
         state.link = Some(link.clone());
         state.left_cleanly = false;
         state.set_wanted(Wanted::Live);
-        link.send(Message::Report(report), Bytes::new());
+        self.outbox
+            .send(&link, Message::Report(report), Bytes::new());
         // Others learn of the new connection (rule (b) reads them).
         self.send_reports();
         true
@@ -338,7 +343,8 @@ impl Core {
                     state.retry_exchange_at =
                         Some(tokio::time::Instant::now() + RESYNC_RETRY_AFTER_REFUSAL);
                     if let Some(link) = &state.link {
-                        link.send(Message::Report(report), Bytes::new());
+                        self.outbox
+                            .send(link, Message::Report(report), Bytes::new());
                     }
                 }
             }
@@ -405,7 +411,7 @@ impl Core {
                     lease_wait_ms: self.lease_wait_ms(),
                 };
                 if let Some(link) = self.peers.get(&peer).and_then(|p| p.link.clone()) {
-                    link.send(reply, Bytes::new());
+                    self.outbox.send(&link, reply, Bytes::new());
                 }
             }
             Message::PromoteReply {
@@ -431,7 +437,8 @@ impl Core {
             state.standalone = Some(reason.clone());
             state.set_wanted(Wanted::Off);
             if let Some(link) = &state.link {
-                link.send_and_close(
+                self.outbox.send_and_close(
+                    link,
                     Message::Refuse {
                         reason: reason.clone(),
                     },
@@ -826,7 +833,8 @@ impl Core {
             state.set_wanted(Wanted::Off);
             if let Some(link) = state.link.clone() {
                 if tell_peer {
-                    link.send_and_close(Message::SplitBrain, "split-brain detected");
+                    self.outbox
+                        .send_and_close(&link, Message::SplitBrain, "split-brain detected");
                 } else {
                     link.close("split-brain detected by the peer");
                 }
@@ -869,10 +877,15 @@ impl Core {
             .unwrap_or_default();
         for (first_word, words) in chunks {
             let payload: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
-            link.send(Message::Bitmap { first_word }, Bytes::from(payload));
+            self.outbox
+                .send(&link, Message::Bitmap { first_word }, Bytes::from(payload));
         }
         let total_bytes = tracker.dirty_bytes(peer);
-        link.send(Message::SyncBegin { mode, total_bytes }, Bytes::new());
+        self.outbox.send(
+            &link,
+            Message::SyncBegin { mode, total_bytes },
+            Bytes::new(),
+        );
         tracing::info!(peer = %state.node.name, ?mode, out_of_sync_bytes = total_bytes, "resync: exchanging bitmaps as source");
         let run = SyncRun {
             mode,
@@ -969,8 +982,10 @@ impl Core {
                 state.incoming_bits = None;
             }
             if let Some(link) = self.peers.get(&peer).and_then(|p| p.link.clone()) {
-                link.send(Message::SyncRefuse { reason }, Bytes::new());
-                link.send(Message::Report(self.report_for(peer)), Bytes::new());
+                self.outbox
+                    .send(&link, Message::SyncRefuse { reason }, Bytes::new());
+                self.outbox
+                    .send(&link, Message::Report(self.report_for(peer)), Bytes::new());
             }
             return;
         }
@@ -997,7 +1012,8 @@ impl Core {
                 self.me.name
             );
             tracing::error!(peer = %self.peer_name(peer), "{reason}");
-            link.send(Message::SyncRefuse { reason }, Bytes::new());
+            self.outbox
+                .send(&link, Message::SyncRefuse { reason }, Bytes::new());
             return;
         }
         let Some(state) = self.peers.get_mut(&peer) else {
@@ -1008,9 +1024,10 @@ impl Core {
             .unwrap_or_default();
         for (first_word, words) in chunks {
             let payload: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
-            link.send(Message::Bitmap { first_word }, Bytes::from(payload));
+            self.outbox
+                .send(&link, Message::Bitmap { first_word }, Bytes::from(payload));
         }
-        link.send(Message::BitmapDone, Bytes::new());
+        self.outbox.send(&link, Message::BitmapDone, Bytes::new());
         let run = SyncRun {
             mode,
             stats: Arc::new(SyncStats::new(union)),
@@ -1143,7 +1160,8 @@ impl Core {
                     }
                 }
                 if let Some(link) = link {
-                    link.send(Message::SyncEnd { lineage }, Bytes::new());
+                    self.outbox
+                        .send(&link, Message::SyncEnd { lineage }, Bytes::new());
                 }
                 tracing::info!(peer = %name, data_bytes_sent = bytes, "resync done (source)");
             }
@@ -1289,7 +1307,8 @@ impl Core {
         let known = self.meta.superblock().known.0;
         tracing::info!(peer = %self.peer_name(peer), %generation, accepted, adopted, "generation recorded for peer");
         if let Some(link) = self.peers.get(&peer).and_then(|p| p.link.clone()) {
-            link.send(
+            self.outbox.send(
+                &link,
                 Message::GenerationRecorded {
                     token,
                     accepted,
@@ -1465,8 +1484,8 @@ impl Core {
                 state.standalone = Some("disconnected by the operator".into());
                 state.set_wanted(Wanted::Off);
                 if let Some(link) = &state.link {
-                    link.send(Message::Leaving, Bytes::new());
-                    link.close("disconnected by the operator");
+                    let reason = "disconnected by the operator";
+                    self.outbox.send_and_close(link, Message::Leaving, reason);
                 }
             }
         }
@@ -1677,7 +1696,8 @@ impl Core {
         self.next_token += 1;
         for id in waiting.iter() {
             if let Some(link) = self.peers.get(&id).and_then(|p| p.link.clone()) {
-                link.send(
+                self.outbox.send(
+                    &link,
                     Message::SkipSync {
                         generation: generation.0,
                         token,
@@ -1738,7 +1758,8 @@ impl Core {
             };
         tracing::info!(peer = %self.peer_name(peer), ok, "skip-initial-sync from peer");
         if let Some(link) = self.peers.get(&peer).and_then(|p| p.link.clone()) {
-            link.send(Message::SkipSyncDone { token, ok }, Bytes::new());
+            self.outbox
+                .send(&link, Message::SkipSyncDone { token, ok }, Bytes::new());
         }
         self.send_reports();
     }

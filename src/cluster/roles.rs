@@ -154,9 +154,9 @@ impl Core {
         let mut waiting = NodeSet::EMPTY;
         for peer in self.peers.values() {
             if let Some(link) = peer.link.as_ref().filter(|l| !l.is_closed()) {
-                if link.send(Message::PromoteQuery { token }, Bytes::new()) {
-                    waiting.insert(peer.node.id);
-                }
+                self.outbox
+                    .send(link, Message::PromoteQuery { token }, Bytes::new());
+                waiting.insert(peer.node.id);
             }
         }
         let RolePhase::Promoting(promotion) = &mut self.phase else {
@@ -546,20 +546,17 @@ impl Core {
         let mut waiting = NodeSet::EMPTY;
         for peer in self.peers.values_mut() {
             if let Some(link) = peer.link.as_ref().filter(|l| !l.is_closed()) {
-                if link.send(
-                    Message::NewGeneration {
-                        lineage: lineage.clone(),
-                        token,
-                        may_adopt: peer.receives_writes,
-                    },
-                    Bytes::new(),
-                ) {
-                    waiting.insert(peer.node.id);
-                    if peer.node.is_data() {
-                        // It may take the generation as its data before
-                        // its answer arrives: losing it then is rule A.
-                        peer.saw_generation = Some(generation);
-                    }
+                let ask = Message::NewGeneration {
+                    lineage: lineage.clone(),
+                    token,
+                    may_adopt: peer.receives_writes,
+                };
+                self.outbox.send(link, ask, Bytes::new());
+                waiting.insert(peer.node.id);
+                if peer.node.is_data() {
+                    // It may take the generation as its data before its
+                    // answer arrives: losing it then is rule A.
+                    peer.saw_generation = Some(generation);
                 }
             }
         }
@@ -990,7 +987,7 @@ impl Core {
                     id: ping,
                     lease_granted: true,
                 };
-                link.send(pong, Bytes::new());
+                self.outbox.send(link, pong, Bytes::new());
             }
         }
     }
