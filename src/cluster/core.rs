@@ -144,6 +144,26 @@ pub(super) struct SkipSync {
     pub caller: oneshot::Sender<CoreReply>,
 }
 
+/// The time a step runs at. The driver reads the clocks once before each
+/// step and hands them in, so every decision of one step sees one instant,
+/// and the engine itself reads no clock (a simulation sets the time).
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    /// For timers: retries, deadlines, auto-demotion.
+    pub instant: tokio::time::Instant,
+    /// The lease clock (`lease::now_nanos`), shared with the sessions.
+    pub lease_nanos: u64,
+}
+
+impl Now {
+    pub fn read() -> Now {
+        Now {
+            instant: tokio::time::Instant::now(),
+            lease_nanos: super::lease::now_nanos(),
+        }
+    }
+}
+
 /// What ends the core's loop.
 #[derive(Debug)]
 pub struct Stopped {
@@ -219,6 +239,8 @@ pub struct Core {
     pub(super) next_token: u64,
     /// `verify` callers by peer.
     pub(super) verify_callers: BTreeMap<u8, oneshot::Sender<CoreReply>>,
+    /// When the current step runs.
+    pub(super) now: Now,
     /// Background work queued by this step (see `jobs.rs`).
     pub(super) jobs: Vec<super::jobs::Job>,
     /// Frames queued by this step (see `outbox.rs`).
@@ -323,6 +345,7 @@ impl Core {
             skip_sync: None,
             next_token: 1,
             verify_callers: BTreeMap::new(),
+            now: Now::read(),
             jobs: Vec::new(),
             outbox: Default::default(),
             objects,
@@ -336,7 +359,7 @@ impl Core {
         self.publish();
         loop {
             let action = self.select().await;
-            if let Some(stopped) = self.step(action) {
+            if let Some(stopped) = self.step(action, Now::read()) {
                 self.shutdown_peers();
                 return stopped;
             }
@@ -347,7 +370,8 @@ impl Core {
     /// (quorum, resyncs whose source no longer qualifies, the lease and
     /// the grants this node gives, events). Returns `Some` when the daemon
     /// should stop.
-    pub(super) fn step(&mut self, action: Action) -> Option<Stopped> {
+    pub(super) fn step(&mut self, action: Action, now: Now) -> Option<Stopped> {
+        self.now = now;
         let stopped = self.apply(action);
         self.settle();
         stopped
@@ -453,7 +477,7 @@ impl Core {
         self.auto_demote_tick();
         self.retry_refused_exchanges();
         if let Some(change) = &self.generation_change {
-            if tokio::time::Instant::now() >= change.deadline {
+            if self.now.instant >= change.deadline {
                 for peer in change.waiting.iter() {
                     tracing::warn!(peer = %self.peer_name(peer), "no answer to the new generation in time; closing the connection");
                     if let Some(link) = self.peers.get(&peer).and_then(|p| p.link.clone()) {
@@ -535,13 +559,11 @@ impl Core {
 
     fn clients_changed(&mut self, attached: usize) {
         self.auto_demote_at = (attached == 0 && self.auto_promoted && self.role() == Role::Primary)
-            .then(|| tokio::time::Instant::now() + AUTO_DEMOTE_DELAY);
+            .then(|| self.now.instant + AUTO_DEMOTE_DELAY);
     }
 
     fn auto_demote_tick(&mut self) {
-        let due = self
-            .auto_demote_at
-            .is_some_and(|at| tokio::time::Instant::now() >= at);
+        let due = self.auto_demote_at.is_some_and(|at| self.now.instant >= at);
         if due {
             self.auto_demote_at = None;
             if self.auto_promoted && self.role() == Role::Primary && self.clients.count() == 0 {

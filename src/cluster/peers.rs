@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::core::{Core, SkipSync};
 use super::jobs::Job;
-use super::lease::{self, now_nanos};
+use super::lease;
 use super::peer_state::{PeerSync, SyncRun};
 use super::sync_rules::{decide, Decision, Side};
 use super::voter;
@@ -340,8 +340,7 @@ impl Core {
                     // The target may have refused on a stale view of this
                     // node: give it a fresh one, and a moment, before the
                     // next offer.
-                    state.retry_exchange_at =
-                        Some(tokio::time::Instant::now() + RESYNC_RETRY_AFTER_REFUSAL);
+                    state.retry_exchange_at = Some(self.now.instant + RESYNC_RETRY_AFTER_REFUSAL);
                     if let Some(link) = &state.link {
                         self.outbox
                             .send(link, Message::Report(report), Bytes::new());
@@ -706,7 +705,7 @@ impl Core {
 
     /// Offers a resync again to peers whose refusal has aged.
     pub(super) fn retry_refused_exchanges(&mut self) {
-        let now = tokio::time::Instant::now();
+        let now = self.now.instant;
         let due: Vec<u8> = self
             .peers
             .iter_mut()
@@ -1329,7 +1328,7 @@ impl Core {
     /// can slip in between the check and the record. A refusal is undone by
     /// the next `refresh_lease_grants`.
     fn withdraw_superseded_grants(&self, sender: u8, generation: Generation) -> Option<u8> {
-        let now = now_nanos();
+        let now = self.now.lease_nanos;
         let lease_life = lease::nanos(self.config.resource.ping_timeout);
         let mut holder = None;
         for (&id, state) in &self.peers {

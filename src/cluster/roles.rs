@@ -28,7 +28,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::core::{Core, Demotion, GenerationChange, Stopped};
-use super::lease::{self, now_nanos};
+use super::lease;
 use super::peer_state::PeerSync;
 use super::phase::{PrimaryPhase, Promotion, RolePhase};
 use super::promotion::{self, PromotionInput, PromotionRefusal};
@@ -138,7 +138,7 @@ impl Core {
             callers: vec![reply],
             waiting: NodeSet::EMPTY,
             lease_wait_ms: 0,
-            started: tokio::time::Instant::now(),
+            started: self.now.instant,
             retry_at: None,
             auto: false,
             known_at_start: self.meta.superblock().known,
@@ -291,7 +291,7 @@ impl Core {
 
     fn retry_promotion(&mut self, after: Duration) {
         if let RolePhase::Promoting(promotion) = &mut self.phase {
-            promotion.retry_at = Some(tokio::time::Instant::now() + after);
+            promotion.retry_at = Some(self.now.instant + after);
         }
     }
 
@@ -300,10 +300,7 @@ impl Core {
         let RolePhase::Promoting(promotion) = &self.phase else {
             return;
         };
-        if promotion
-            .retry_at
-            .is_some_and(|at| tokio::time::Instant::now() >= at)
-        {
+        if promotion.retry_at.is_some_and(|at| self.now.instant >= at) {
             self.promotion_round();
         }
     }
@@ -341,7 +338,7 @@ impl Core {
     pub(super) fn lease_wait_ms(&self) -> u64 {
         self.lease_hold_until
             .max(self.start_hold.until_nanos())
-            .saturating_sub(now_nanos())
+            .saturating_sub(self.now.lease_nanos)
             / 1_000_000
     }
 
@@ -590,7 +587,7 @@ impl Core {
             refused: NodeSet::EMPTY,
             superseded_asked,
             for_promotion,
-            deadline: tokio::time::Instant::now() + self.config.resource.ping_timeout * 2,
+            deadline: self.now.instant + self.config.resource.ping_timeout * 2,
         });
         self.maybe_finish_generation();
     }
@@ -781,7 +778,7 @@ impl Core {
     /// promoting, and each try costs two superblock writes).
     fn retry_generation_later(&mut self, why: &str) {
         if matches!(self.phase, RolePhase::Primary(_)) {
-            let retry_at = Some(tokio::time::Instant::now() + GENERATION_RETRY);
+            let retry_at = Some(self.now.instant + GENERATION_RETRY);
             self.set_phase(
                 RolePhase::Primary(PrimaryPhase::WithoutQuorum { retry_at }),
                 why,
@@ -823,7 +820,7 @@ impl Core {
         let PrimaryPhase::WithoutQuorum { retry_at } = phase else {
             return;
         };
-        let retry_due = retry_at.map_or(true, |at| tokio::time::Instant::now() >= at);
+        let retry_due = retry_at.map_or(true, |at| self.now.instant >= at);
         if self.generation_change.is_none() && !reports_pending && retry_due {
             if let Some(who) = self.newer_generation_seen() {
                 tracing::error!(peer = %who, "quorum is back, but a newer generation exists: stepping down");
@@ -982,7 +979,7 @@ impl Core {
             };
             if !self.grants_lease(id, known) {
                 link.withdraw_lease();
-            } else if let Some(ping) = link.grant_lease(now_nanos()) {
+            } else if let Some(ping) = link.grant_lease(self.now.lease_nanos) {
                 let pong = Message::Pong {
                     id: ping,
                     lease_granted: true,

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::core::{Action, Core, CoreParts};
+use super::core::{Action, Core, CoreParts, Now};
 use crate::config::{Config, IoEngineKind};
 use crate::control::protocol::{ExitCode, Request, Response, Status};
 use crate::control::server::{ControlCall, CoreReply};
@@ -189,6 +189,7 @@ impl Cluster {
             let (link, outbox) = PeerLink::new(to, name);
             let link = Arc::new(link);
             let core = self.cores.get_mut(&from).unwrap();
+            core.now = Now::read();
             let taken = core.link_up(link.clone());
             core.settle();
             if !taken {
@@ -253,7 +254,8 @@ impl Cluster {
     pub fn step(&mut self, id: u8, action: Action) {
         let name = self.config.nodes[usize::from(id)].name.clone();
         let core = self.cores.get_mut(&id).unwrap();
-        let stopped = tracing::info_span!("hablk", node = %name).in_scope(|| core.step(action));
+        let stopped =
+            tracing::info_span!("hablk", node = %name).in_scope(|| core.step(action, Now::read()));
         assert!(stopped.is_none(), "node {id} stopped");
     }
 
