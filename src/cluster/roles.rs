@@ -383,7 +383,6 @@ impl Core {
         };
         if let Err(e) = self.meta.update(|sb| {
             sb.disk = StoredDisk::UpToDate;
-            sb.flags.primary_crashed = true;
             sb.data_size_bytes = size_bytes;
             if force {
                 sb.flags.needs_full_sync = false;
@@ -647,7 +646,14 @@ impl Core {
             .map(|id| self.peer_name(id))
             .collect();
         if accepted.len() >= needed {
-            if !self.persist("the settled generation", |sb| sb.recording_from = None) {
+            // From here a crash may leave acknowledged writes behind: the
+            // restarted node is a crashed Primary (a promotion whose record
+            // fails never acknowledged one, and is not).
+            let serves_next = matches!(self.phase, RolePhase::Primary(_));
+            if !self.persist("the settled generation", |sb| {
+                sb.recording_from = None;
+                sb.flags.primary_crashed |= serves_next;
+            }) {
                 // Writes stay held: after a crash this node would go back
                 // to the parent generation and lose what it acknowledged.
                 self.answer_generation_callers(

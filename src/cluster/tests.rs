@@ -778,6 +778,36 @@ async fn a_failed_record_gives_the_vote_back_and_the_witness_follows() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_promotion_whose_record_fails_leaves_no_crashed_primary_behind() {
+    let mut cluster = in_sync_cluster().await;
+    cluster.cut(ALPHA, BETA);
+    cluster.pump();
+    // alpha's promotion reaches the witness, whose answer never comes back.
+    let pending = cluster.call_pending(ALPHA, primary());
+    assert!(cluster.pump_until(|d| d.message.name() == "NewGeneration" && d.to == WITNESS));
+    cluster.cut(ALPHA, WITNESS);
+    cluster.pump();
+    assert!(refusal(&answered(pending)).contains("could not record the new generation"));
+    // No write was acknowledged: alpha must not count as a Primary that
+    // crashed with writes (a resync source among equals, the side that
+    // wrote in a split-brain).
+    let flags = cluster.cores[&ALPHA].meta.superblock().flags;
+    assert!(!flags.primary_crashed, "{flags:?}");
+    assert!(!cluster.cores[&ALPHA].may_have_written());
+    // A promotion that serves is one.
+    cluster.connect(ALPHA, WITNESS);
+    let answer = cluster.call_and_wait(ALPHA, primary()).await;
+    assert!(done(&answer), "{answer:?}");
+    assert!(
+        cluster.cores[&ALPHA]
+            .meta
+            .superblock()
+            .flags
+            .primary_crashed
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_vote_for_an_abandoned_generation_is_given_back_after_its_recorder_moved_on() {
     let mut cluster = in_sync_cluster().await;
     // alpha crashes while Primary: its activity log makes it the resync
