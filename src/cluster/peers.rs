@@ -306,6 +306,16 @@ impl Core {
             // generation shows it as behind.
             tracing::error!(%error, "could not record the failed disk in the superblock either");
         }
+        // A node without its disk takes no role (a Diskless Primary that
+        // serves through its peers is not built yet): a promotion under
+        // way is cancelled, and a Primary steps down. Its clients get EIO,
+        // nothing it could not make durable is acknowledged, and another
+        // node can be promoted.
+        self.cancel_promotion("the backing disk failed");
+        if self.role() == Role::Primary && self.demotion.is_none() {
+            self.drop_source_resyncs("the backing disk failed");
+            self.become_secondary("the backing disk failed");
+        }
         self.send_reports();
     }
 

@@ -508,15 +508,19 @@ impl Core {
         let previous = self.meta.superblock().lineage.clone();
         let known_before = self.meta.superblock().known;
         let wrote_before = self.meta.superblock().flags.wrote_in_generation;
-        if let Err(e) = self.meta.update(|sb| {
+        // A failure detaches the disk, and a Primary steps down: going on
+        // without the new generation would acknowledge writes a lost peer
+        // lacks while it still passes for current.
+        if !self.persist("a new generation", |sb| {
             // A superseded change keeps the parent it started from.
             sb.recording_from = sb.recording_from.or(Some(sb.lineage.current));
             sb.lineage.advance(generation);
             sb.known = generation;
             sb.flags.wrote_in_generation = false;
         }) {
-            tracing::error!(error = %e, "cannot record a new generation");
-            let response = Response::failed(format!("cannot record the new generation: {e}"));
+            let response = Response::failed(
+                "cannot record the new generation: the disk failed and was detached",
+            );
             self.answer_generation_callers(callers, response);
             return;
         }
