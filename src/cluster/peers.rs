@@ -1650,11 +1650,13 @@ impl Core {
                 }
             }
         }
-        if let Err(e) = self.meta.update(|sb| {
+        if !self.persist("the invalidation", |sb| {
             sb.disk = StoredDisk::Inconsistent;
             sb.flags.needs_full_sync = true;
         }) {
-            return Response::failed(format!("cannot record the invalidation: {e}"));
+            return Response::failed(
+                "cannot record the invalidation: the disk failed and was detached",
+            );
         }
         self.set_disk(DiskState::Inconsistent, "invalidate");
         self.send_reports();

@@ -381,19 +381,15 @@ impl Core {
             (0, None, None) => self.smallest_capacity(capacity),
             (fixed, _, _) => fixed,
         };
-        if let Err(e) = self.meta.update(|sb| {
+        if !self.persist("the promotion", |sb| {
             sb.disk = StoredDisk::UpToDate;
             sb.data_size_bytes = size_bytes;
             if force {
                 sb.flags.needs_full_sync = false;
             }
         }) {
-            let response = Response::failed(format!("cannot record the promotion: {e}"));
-            if let Some(promotion) = self.end_promotion("the promotion could not be recorded") {
-                for caller in promotion.callers {
-                    self.answer(&request, caller, response.clone());
-                }
-            }
+            // The disk was detached, which cancelled the promotion and
+            // answered its callers.
             return;
         }
         self.set_disk(DiskState::UpToDate, "promoted");

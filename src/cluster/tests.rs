@@ -814,6 +814,31 @@ async fn a_primary_that_cannot_record_rule_a_steps_down_instead_of_serving() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_promotion_that_cannot_be_written_detaches_the_disk_and_is_refused() {
+    let mut cluster = in_sync_cluster().await;
+    cluster
+        .cores
+        .get_mut(&ALPHA)
+        .unwrap()
+        .meta
+        .set_failing(true);
+    let answer = cluster.call_and_wait(ALPHA, primary()).await;
+    assert!(
+        refusal(&answer).contains("backing disk failed"),
+        "{answer:?}"
+    );
+    let alpha = cluster.status(ALPHA);
+    assert_eq!(
+        (alpha.role, alpha.disk),
+        (Role::Secondary, DiskState::Diskless)
+    );
+    assert!(matches!(cluster.gate(ALPHA), Gate::Closed { .. }));
+    // The others go on without it.
+    let answer = cluster.call_and_wait(BETA, primary()).await;
+    assert!(done(&answer), "{answer:?}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_promotion_whose_record_fails_leaves_no_crashed_primary_behind() {
     let mut cluster = in_sync_cluster().await;
     cluster.cut(ALPHA, BETA);
