@@ -489,6 +489,11 @@ impl Cluster {
         self.pump();
     }
 
+    /// Node `id`'s superblock writes fail from now on (until a restart).
+    pub fn fail_metadata(&mut self, id: u8) {
+        self.cores.get_mut(&id).unwrap().meta.set_failing(true);
+    }
+
     /// Whether `a` and `b` have a live connection.
     pub fn linked(&self, a: u8, b: u8) -> bool {
         self.wires.get(&(a, b)).is_some_and(|w| !w.link.is_closed())
@@ -790,12 +795,7 @@ async fn a_primary_that_cannot_record_rule_a_steps_down_instead_of_serving() {
     cluster.quiesce().await;
     // alpha's superblock writes fail, then it loses beta: rule A's new
     // generation cannot be written, so beta still passes for current.
-    cluster
-        .cores
-        .get_mut(&ALPHA)
-        .unwrap()
-        .meta
-        .set_failing(true);
+    cluster.fail_metadata(ALPHA);
     cluster.cut(ALPHA, BETA);
     cluster.pump();
     let alpha = cluster.status(ALPHA);
@@ -816,12 +816,7 @@ async fn a_primary_that_cannot_record_rule_a_steps_down_instead_of_serving() {
 #[tokio::test(start_paused = true)]
 async fn a_promotion_that_cannot_be_written_detaches_the_disk_and_is_refused() {
     let mut cluster = in_sync_cluster().await;
-    cluster
-        .cores
-        .get_mut(&ALPHA)
-        .unwrap()
-        .meta
-        .set_failing(true);
+    cluster.fail_metadata(ALPHA);
     let answer = cluster.call_and_wait(ALPHA, primary()).await;
     assert!(
         refusal(&answer).contains("backing disk failed"),
@@ -1432,7 +1427,7 @@ async fn take_step(cluster: &mut Cluster, shape: Shape, step: Step) -> String {
             format!("crash {id}")
         }
         Step::MetadataFails(id) => {
-            cluster.cores.get_mut(&id).unwrap().meta.set_failing(true);
+            cluster.fail_metadata(id);
             format!("metadata of {id} fails")
         }
         Step::Invalidate(id) => {
