@@ -243,8 +243,11 @@ pub struct Core {
     pub(super) now: Now,
     /// Background work queued by this step (see `jobs.rs`).
     pub(super) jobs: Vec<super::jobs::Job>,
-    /// Frames queued by this step (see `outbox.rs`).
-    pub(super) outbox: super::outbox::Outbox,
+    /// The gate this node decided on (the volume gets it with the step's
+    /// effects).
+    pub(super) gate: Gate,
+    /// What this step changes outside the core (see `effects.rs`).
+    pub(super) effects: super::effects::Effects,
     objects: ObjectTracker,
 }
 
@@ -309,7 +312,7 @@ impl Core {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let objects = ObjectTracker::new(parts.me.name.clone());
         let wrote = parts.volume.as_ref().map(|v| v.subscribe_wrote());
-        let core = Core {
+        let mut core = Core {
             config: parts.config,
             me: parts.me,
             meta: parts.meta,
@@ -347,10 +350,15 @@ impl Core {
             verify_callers: BTreeMap::new(),
             now: Now::read(),
             jobs: Vec::new(),
-            outbox: Default::default(),
+            gate: Gate::Held {
+                size_bytes: 0,
+                reason: "starting".into(),
+            },
+            effects: Default::default(),
             objects,
         };
         core.close_gate(Refusal::NotPrimary);
+        core.effects.apply(core.volume.as_deref());
         core
     }
 
@@ -385,7 +393,7 @@ impl Core {
         self.refresh_lease();
         self.refresh_lease_grants();
         self.publish();
-        self.outbox.flush();
+        self.effects.apply(self.volume.as_deref());
         self.start_jobs();
     }
 
@@ -768,15 +776,24 @@ impl Core {
         for peer in self.peers.values() {
             let _ = peer.wanted.send(crate::replication::connector::Wanted::Off);
             if let Some(link) = &peer.link {
-                self.outbox
+                self.effects
                     .send(link, Message::Leaving, bytes::Bytes::new());
             }
         }
-        self.outbox.flush();
+        self.effects.apply(self.volume.as_deref());
     }
 
-    pub(super) fn close_gate(&self, refusal: Refusal) {
-        if let Some(volume) = &self.volume {
+    /// The one way the gate changes: the volume gets it with the step's
+    /// effects, after the superblock writes of the step.
+    pub(super) fn set_gate(&mut self, gate: Gate) {
+        if self.volume.is_some() {
+            self.gate = gate.clone();
+            self.effects.set_gate(gate);
+        }
+    }
+
+    pub(super) fn close_gate(&mut self, refusal: Refusal) {
+        {
             let primary = self
                 .peers
                 .values()
@@ -796,22 +813,20 @@ impl Core {
                     self.config.resource.name, self.me.name
                 ),
             };
-            volume.set_gate(Gate::Closed { refusal, reason });
+            self.set_gate(Gate::Closed { refusal, reason });
         }
     }
 
     /// Re-words a Secondary's refusal after a peer's role changed, so that
     /// clients are told who is Primary now.
-    pub(super) fn refresh_refusal(&self) {
-        let not_primary = self.volume.as_ref().is_some_and(|volume| {
-            matches!(
-                volume.gate(),
-                Gate::Closed {
-                    refusal: Refusal::NotPrimary,
-                    ..
-                }
-            )
-        });
+    pub(super) fn refresh_refusal(&mut self) {
+        let not_primary = matches!(
+            self.gate,
+            Gate::Closed {
+                refusal: Refusal::NotPrimary,
+                ..
+            }
+        );
         if not_primary {
             self.close_gate(Refusal::NotPrimary);
         }
@@ -891,7 +906,7 @@ impl Core {
 
     pub fn status(&self) -> Status {
         let sb = self.meta.superblock();
-        let gate = self.volume.as_ref().map(|v| v.gate());
+        let gate = self.volume.as_ref().map(|_| self.gate.clone());
         // A Primary has quorum only while a majority backs its writes: its
         // lease is valid and its generation recorded (the gate is open).
         // One that wakes from a pause sees its old peers again before it

@@ -14,9 +14,9 @@
 //! [`crate::vocabulary`], shared with the wire format.
 
 pub mod core;
+mod effects;
 mod jobs;
 pub mod lease;
-mod outbox;
 mod peer_state;
 mod peers;
 mod phase;

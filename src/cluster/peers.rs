@@ -78,7 +78,7 @@ impl Core {
     pub(super) fn send_reports(&self) {
         for peer in self.peers.values() {
             if let Some(link) = &peer.link {
-                self.outbox.send(
+                self.effects.send(
                     link,
                     Message::Report(self.report_for(peer.node.id)),
                     Bytes::new(),
@@ -172,7 +172,7 @@ impl Core {
         state.link = Some(link.clone());
         state.left_cleanly = false;
         state.set_wanted(Wanted::Live);
-        self.outbox
+        self.effects
             .send(&link, Message::Report(report), Bytes::new());
         // Others learn of the new connection (rule (b) reads them).
         self.send_reports();
@@ -288,7 +288,7 @@ impl Core {
         }
         self.send_reports();
         if let Some(link) = lost_link {
-            link.mark_loss_handled();
+            self.effects.loss_handled(&link);
         }
     }
 
@@ -352,7 +352,7 @@ impl Core {
                     // next offer.
                     state.retry_exchange_at = Some(self.now.instant + RESYNC_RETRY_AFTER_REFUSAL);
                     if let Some(link) = &state.link {
-                        self.outbox
+                        self.effects
                             .send(link, Message::Report(report), Bytes::new());
                     }
                 }
@@ -420,7 +420,7 @@ impl Core {
                     lease_wait_ms: self.lease_wait_ms(),
                 };
                 if let Some(link) = self.peers.get(&peer).and_then(|p| p.link.clone()) {
-                    self.outbox.send(&link, reply, Bytes::new());
+                    self.effects.send(&link, reply, Bytes::new());
                 }
             }
             Message::PromoteReply {
@@ -446,7 +446,7 @@ impl Core {
             state.standalone = Some(reason.clone());
             state.set_wanted(Wanted::Off);
             if let Some(link) = &state.link {
-                self.outbox.send_and_close(
+                self.effects.send_and_close(
                     link,
                     Message::Refuse {
                         reason: reason.clone(),
@@ -842,7 +842,7 @@ impl Core {
             state.set_wanted(Wanted::Off);
             if let Some(link) = state.link.clone() {
                 if tell_peer {
-                    self.outbox
+                    self.effects
                         .send_and_close(&link, Message::SplitBrain, "split-brain detected");
                 } else {
                     link.close("split-brain detected by the peer");
@@ -886,11 +886,11 @@ impl Core {
             .unwrap_or_default();
         for (first_word, words) in chunks {
             let payload: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
-            self.outbox
+            self.effects
                 .send(&link, Message::Bitmap { first_word }, Bytes::from(payload));
         }
         let total_bytes = tracker.dirty_bytes(peer);
-        self.outbox.send(
+        self.effects.send(
             &link,
             Message::SyncBegin { mode, total_bytes },
             Bytes::new(),
@@ -991,9 +991,9 @@ impl Core {
                 state.incoming_bits = None;
             }
             if let Some(link) = self.peers.get(&peer).and_then(|p| p.link.clone()) {
-                self.outbox
+                self.effects
                     .send(&link, Message::SyncRefuse { reason }, Bytes::new());
-                self.outbox
+                self.effects
                     .send(&link, Message::Report(self.report_for(peer)), Bytes::new());
             }
             return;
@@ -1021,7 +1021,7 @@ impl Core {
                 self.me.name
             );
             tracing::error!(peer = %self.peer_name(peer), "{reason}");
-            self.outbox
+            self.effects
                 .send(&link, Message::SyncRefuse { reason }, Bytes::new());
             return;
         }
@@ -1033,10 +1033,10 @@ impl Core {
             .unwrap_or_default();
         for (first_word, words) in chunks {
             let payload: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
-            self.outbox
+            self.effects
                 .send(&link, Message::Bitmap { first_word }, Bytes::from(payload));
         }
-        self.outbox.send(&link, Message::BitmapDone, Bytes::new());
+        self.effects.send(&link, Message::BitmapDone, Bytes::new());
         let run = SyncRun {
             mode,
             stats: Arc::new(SyncStats::new(union)),
@@ -1169,7 +1169,7 @@ impl Core {
                     }
                 }
                 if let Some(link) = link {
-                    self.outbox
+                    self.effects
                         .send(&link, Message::SyncEnd { lineage }, Bytes::new());
                 }
                 tracing::info!(peer = %name, data_bytes_sent = bytes, "resync done (source)");
@@ -1316,7 +1316,7 @@ impl Core {
         let known = self.meta.superblock().known.0;
         tracing::info!(peer = %self.peer_name(peer), %generation, accepted, adopted, "generation recorded for peer");
         if let Some(link) = self.peers.get(&peer).and_then(|p| p.link.clone()) {
-            self.outbox.send(
+            self.effects.send(
                 &link,
                 Message::GenerationRecorded {
                     token,
@@ -1412,7 +1412,9 @@ impl Core {
 
     /// The write targets: peers past the bitmap exchange.
     pub(super) fn refresh_targets(&self) {
-        let Some(volume) = &self.volume else { return };
+        if self.volume.is_none() {
+            return;
+        }
         // A link that closed but whose loss is not handled yet stays a
         // target: a write finds it closed and waits for that handling
         // (rule A) before its acknowledgement.
@@ -1427,7 +1429,7 @@ impl Core {
             .values()
             .filter(|p| p.receives_writes)
             .all(|p| p.report.as_ref().is_some_and(|r| r.fast_zero));
-        volume.set_targets(targets, zero_fast);
+        self.effects.set_targets(targets, zero_fast);
     }
 
     fn select_peers(&self, name: Option<&str>) -> Result<Vec<u8>, Box<Response>> {
@@ -1494,7 +1496,7 @@ impl Core {
                 state.set_wanted(Wanted::Off);
                 if let Some(link) = &state.link {
                     let reason = "disconnected by the operator";
-                    self.outbox.send_and_close(link, Message::Leaving, reason);
+                    self.effects.send_and_close(link, Message::Leaving, reason);
                 }
             }
         }
@@ -1707,7 +1709,7 @@ impl Core {
         self.next_token += 1;
         for id in waiting.iter() {
             if let Some(link) = self.peers.get(&id).and_then(|p| p.link.clone()) {
-                self.outbox.send(
+                self.effects.send(
                     &link,
                     Message::SkipSync {
                         generation: generation.0,
@@ -1769,7 +1771,7 @@ impl Core {
             };
         tracing::info!(peer = %self.peer_name(peer), ok, "skip-initial-sync from peer");
         if let Some(link) = self.peers.get(&peer).and_then(|p| p.link.clone()) {
-            self.outbox
+            self.effects
                 .send(&link, Message::SkipSyncDone { token, ok }, Bytes::new());
         }
         self.send_reports();

@@ -154,7 +154,7 @@ impl Core {
         let mut waiting = NodeSet::EMPTY;
         for peer in self.peers.values() {
             if let Some(link) = peer.link.as_ref().filter(|l| !l.is_closed()) {
-                self.outbox
+                self.effects
                     .send(link, Message::PromoteQuery { token }, Bytes::new());
                 waiting.insert(peer.node.id);
             }
@@ -348,9 +348,9 @@ impl Core {
             force,
             override_quorum,
         };
-        let Some(volume) = self.volume.clone() else {
+        if self.volume.is_none() {
             return;
-        };
+        }
         let sb = self.meta.superblock();
         let capacity = sb.layout.data_capacity_bytes;
         let peer_size = self
@@ -413,7 +413,7 @@ impl Core {
                 ),
             );
         }
-        volume.set_gate(Gate::Held {
+        self.set_gate(Gate::Held {
             size_bytes,
             reason: "recording the new generation".into(),
         });
@@ -528,13 +528,11 @@ impl Core {
         // current), but its gate stays closed.
         if matches!(self.phase, RolePhase::Primary(_)) {
             self.set_phase(RolePhase::Primary(PrimaryPhase::Recording), &reason);
-            if let Some(volume) = &self.volume {
-                let size_bytes = self.meta.superblock().data_size_bytes;
-                volume.set_gate(Gate::Held {
-                    size_bytes,
-                    reason: "recording a new generation".into(),
-                });
-            }
+            let size_bytes = self.meta.superblock().data_size_bytes;
+            self.set_gate(Gate::Held {
+                size_bytes,
+                reason: "recording a new generation".into(),
+            });
         }
         let token = self.next_token;
         self.next_token += 1;
@@ -547,7 +545,7 @@ impl Core {
                     token,
                     may_adopt: peer.receives_writes,
                 };
-                self.outbox.send(link, ask, Bytes::new());
+                self.effects.send(link, ask, Bytes::new());
                 waiting.insert(peer.node.id);
                 if peer.node.is_data() {
                     // It may take the generation as its data before its
@@ -749,16 +747,13 @@ impl Core {
         self.re_evaluate_all();
     }
 
-    pub(super) fn open_gate(&self) {
-        if let Some(volume) = &self.volume {
-            let size_bytes = self.meta.superblock().data_size_bytes;
-            volume.set_gate(Gate::Open { size_bytes });
-        }
+    pub(super) fn open_gate(&mut self) {
+        let size_bytes = self.meta.superblock().data_size_bytes;
+        self.set_gate(Gate::Open { size_bytes });
     }
 
     /// The Primary has no quorum: fail or hold writes per `on-no-quorum`.
     fn apply_no_quorum(&mut self) {
-        let Some(volume) = &self.volume else { return };
         let size_bytes = self.meta.superblock().data_size_bytes;
         let seen = self.voters_seen();
         let reason = format!(
@@ -770,11 +765,11 @@ impl Core {
             seen.join(", ")
         );
         match self.config.resource.on_no_quorum {
-            OnNoQuorum::IoError => volume.set_gate(Gate::Closed {
+            OnNoQuorum::IoError => self.set_gate(Gate::Closed {
                 refusal: Refusal::NoQuorum,
                 reason,
             }),
-            OnNoQuorum::SuspendIo => volume.set_gate(Gate::Held { size_bytes, reason }),
+            OnNoQuorum::SuspendIo => self.set_gate(Gate::Held { size_bytes, reason }),
         }
     }
 
@@ -926,9 +921,7 @@ impl Core {
         self.set_phase(RolePhase::Secondary, why);
         self.quorum_overridden = false;
         self.auto_promoted = false;
-        if let Some(volume) = &self.volume {
-            volume.set_targets(Vec::new(), true);
-        }
+        self.effects.set_targets(Vec::new(), true);
         for peer in self.peers.values_mut() {
             peer.receives_writes = false;
         }
@@ -990,7 +983,7 @@ impl Core {
                     id: ping,
                     lease_granted: true,
                 };
-                self.outbox.send(link, pong, Bytes::new());
+                self.effects.send(link, pong, Bytes::new());
             }
         }
     }

@@ -1,0 +1,125 @@
+//! What a step changes outside the core: frames to peers, the volume's
+//! gate and write targets, a lost connection's writes released. A handler
+//! never does these itself: it queues an [`Effect`], and once the step is
+//! over (`Core::settle`) the effects are carried out in the order queued,
+//! after every superblock write the step made. So a peer never hears of a
+//! state (a recorded vote, a finished resync, a new generation) this node
+//! has not made durable, and the I/O path sees the gate a handler closed
+//! before the writes that waited on a lost peer are released, whatever
+//! the order of a handler's lines.
+//!
+//! Closing a connection is not queued: the core stops counting it at once.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::replication::link::PeerLink;
+use crate::replication::wire::Message;
+use crate::volume::{Gate, Volume};
+
+/// One change outside the core.
+#[derive(Debug)]
+enum Effect {
+    Frame {
+        link: Arc<PeerLink>,
+        message: Message,
+        payload: Bytes,
+        /// Close the connection once the frame is out.
+        close_after: Option<String>,
+    },
+    Gate(Gate),
+    /// The data peers that get every write (and whether all of them zero
+    /// ranges fast).
+    Targets {
+        links: Vec<Arc<PeerLink>>,
+        zero_fast: bool,
+    },
+    /// Writes that waited on this lost connection may go on: its loss is
+    /// handled (rule A's generation started, the gate held).
+    LossHandled(Arc<PeerLink>),
+}
+
+/// Effects queued by the current step. Interior mutability lets handlers
+/// that only read the core's state (a report to every peer) queue them.
+#[derive(Debug, Default)]
+pub(super) struct Effects {
+    queued: RefCell<Vec<Effect>>,
+}
+
+impl Effects {
+    pub fn send(&self, link: &Arc<PeerLink>, message: Message, payload: Bytes) {
+        self.push(Effect::Frame {
+            link: link.clone(),
+            message,
+            payload,
+            close_after: None,
+        });
+    }
+
+    /// The frame, then the connection closes (a refusal, a split-brain).
+    pub fn send_and_close(
+        &self,
+        link: &Arc<PeerLink>,
+        message: Message,
+        reason: impl Into<String>,
+    ) {
+        self.push(Effect::Frame {
+            link: link.clone(),
+            message,
+            payload: Bytes::new(),
+            close_after: Some(reason.into()),
+        });
+    }
+
+    pub fn set_gate(&self, gate: Gate) {
+        self.push(Effect::Gate(gate));
+    }
+
+    pub fn set_targets(&self, links: Vec<Arc<PeerLink>>, zero_fast: bool) {
+        self.push(Effect::Targets { links, zero_fast });
+    }
+
+    pub fn loss_handled(&self, link: &Arc<PeerLink>) {
+        self.push(Effect::LossHandled(link.clone()));
+    }
+
+    fn push(&self, effect: Effect) {
+        self.queued.borrow_mut().push(effect);
+    }
+
+    /// Carries out the queued effects, in order. A frame for a connection
+    /// closed meanwhile is dropped, as the session would.
+    pub fn apply(&self, volume: Option<&Volume>) {
+        for effect in self.queued.take() {
+            match effect {
+                Effect::Frame {
+                    link,
+                    message,
+                    close_after: Some(reason),
+                    ..
+                } => link.send_and_close(message, reason),
+                Effect::Frame {
+                    link,
+                    message,
+                    payload,
+                    close_after: None,
+                } => {
+                    link.send(message, payload);
+                }
+                Effect::Gate(gate) => {
+                    if let Some(volume) = volume {
+                        volume.set_gate(gate);
+                    }
+                }
+                Effect::Targets { links, zero_fast } => {
+                    if let Some(volume) = volume {
+                        volume.set_targets(links, zero_fast);
+                    }
+                }
+                Effect::LossHandled(link) => link.mark_loss_handled(),
+            }
+        }
+    }
+}
