@@ -26,7 +26,7 @@ use crate::replication::link::{Outgoing, PeerLink};
 use crate::replication::session::PeerEvent;
 use crate::replication::wire::{Frame, Message};
 use crate::storage::Storage;
-use crate::vocabulary::state::{DiskState, Role};
+use crate::vocabulary::state::{DiskState, ReplicationState, Role};
 use crate::volume::{Gate, Refusal, Volume, VolumeParts};
 
 const DISK_BYTES: u64 = 8 << 20;
@@ -487,6 +487,27 @@ impl Cluster {
         }
         self.start(id);
         self.pump();
+    }
+
+    /// Lets `time` pass with every pair connected: a connection a core
+    /// closes to decide again is dialed again, as the connector does.
+    pub async fn heal_for(&mut self, time: std::time::Duration) {
+        let slices = 6;
+        for _ in 0..slices {
+            for (a, b) in self.all_pairs() {
+                if !self.linked(a, b) && self.link(a, b) {
+                    self.pump();
+                }
+            }
+            self.advance(time / slices).await;
+        }
+    }
+
+    fn all_pairs(&self) -> Vec<(u8, u8)> {
+        let n = self.config.nodes.len() as u8;
+        (0..n)
+            .flat_map(|a| (a + 1..n).map(move |b| (a, b)))
+            .collect()
     }
 
     /// Node `id`'s superblock writes fail from now on (until a restart).
@@ -1474,7 +1495,9 @@ struct Violation {
 /// One history over the real cores of a cluster (steps from `plan`): after
 /// every step, never two nodes that serve as Primary, and no split-brain
 /// reported (no history here writes in two partitions). At the end, once
-/// the network heals, a data node can be Primary. What it does not cover
+/// the network heals (dropped connections dialed again, as the connector
+/// does), a data node can be Primary, and every data node is in sync with
+/// it or being resynced by it. What it does not cover
 /// (no lease clock, no resync data, no writes) the model in
 /// `tests/safety_model.rs` still does.
 async fn engine_history(shape: Shape, plan: Plan) -> Result<(), Violation> {
@@ -1543,21 +1566,41 @@ async fn engine_history(shape: Shape, plan: Plan) -> Result<(), Violation> {
     for (from, to) in held {
         cluster.release(from, to);
     }
-    for &(a, b) in &pairs {
-        if !cluster.linked(a, b) && cluster.link(a, b) {
-            cluster.pump();
-        }
-    }
-    cluster.advance(cluster.ping_timeout() * 3).await;
+    cluster.heal_for(cluster.ping_timeout() * 3).await;
     for &id in &data_nodes {
         if cluster.status(id).role != Role::Primary {
             drop(cluster.call_pending(id, primary()));
             cluster.pump();
-            cluster.advance(cluster.ping_timeout() * 3).await;
+            cluster.heal_for(cluster.ping_timeout() * 3).await;
         }
         if cluster.status(id).role == Role::Primary && matches!(cluster.gate(id), Gate::Open { .. })
         {
-            return Ok(());
+            // And every data node ends in sync with it, or is being
+            // resynced by it (no resync data moves here: a resync with
+            // blocks to copy runs until the history ends).
+            cluster.heal_for(cluster.ping_timeout() * 3).await;
+            let primary = cluster.status(id);
+            let behind: Vec<Status> = data_nodes
+                .iter()
+                .map(|&other| cluster.status(other))
+                .filter(|s| {
+                    let in_sync =
+                        s.disk == DiskState::UpToDate && s.generation == primary.generation;
+                    let resynced_by_primary = s.peers.iter().any(|p| {
+                        p.node == primary.node && p.replication == ReplicationState::SyncTarget
+                    });
+                    !in_sync && !resynced_by_primary
+                })
+                .collect();
+            if behind.is_empty() {
+                return Ok(());
+            }
+            return Err(violation(
+                "a data node not in sync after healing",
+                &steps,
+                &trace,
+                format!(": {behind:?}"),
+            ));
         }
     }
     let states: Vec<Status> = data_nodes.iter().map(|&id| cluster.status(id)).collect();
