@@ -1512,7 +1512,6 @@ async fn engine_history(shape: Shape, plan: Plan) -> Result<(), Violation> {
     let mut cluster = in_sync(shape).await;
     let mut steps = Vec::new();
     let mut trace = Vec::new();
-    let pairs = pairs_of(shape);
     let data_nodes = data_nodes_of(shape);
     let violation = |rule, steps: &Vec<Step>, trace: &Vec<String>, detail: String| Violation {
         rule,
