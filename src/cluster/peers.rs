@@ -544,6 +544,15 @@ impl Core {
         })
     }
 
+    /// The peer holds a generation this node knows was abandoned: it goes
+    /// back to the parent once it hears (this node's reports say so). Its
+    /// line only looks diverged, or newer, until then.
+    fn peer_leaves_abandoned(&self, report: &NodeReport) -> bool {
+        self.meta.superblock().abandoned.iter().any(|a| {
+            a.generation.0 == report.lineage.current && report.lineage.history.contains(&a.parent.0)
+        })
+    }
+
     fn on_report(&mut self, peer: u8, report: NodeReport) {
         let (disk_before, role_before) = (self.disk, self.role());
         let Some(state) = self.peers.get_mut(&peer) else {
@@ -619,7 +628,15 @@ impl Core {
                 self.become_secondary("met a newer generation");
             }
         }
-        if self.disk == DiskState::Consistent && peer_is_data && !report.recording_generation {
+        // Only a peer with its disk, whose generation is settled, says
+        // whether this data is current: a Diskless one may hold a
+        // generation whose record failed and whose return it could not
+        // write.
+        let peer_tells = peer_is_data
+            && !report.recording_generation
+            && !matches!(report.disk, DiskState::Diskless | DiskState::Failed)
+            && !self.peer_leaves_abandoned(&report);
+        if self.disk == DiskState::Consistent && peer_tells {
             let theirs: Lineage = (&report.lineage).into();
             let relation = self.meta.superblock().lineage.relation_to(&theirs);
             self.resolve_disk(
@@ -764,14 +781,7 @@ impl Core {
         {
             return;
         }
-        // The peer holds a generation this node knows was abandoned: it goes
-        // back to the parent once it hears (this node's reports say so).
-        // Its line only looks diverged until then.
-        let sb = self.meta.superblock();
-        let peer_leaves = sb.abandoned.iter().any(|a| {
-            a.generation.0 == report.lineage.current && report.lineage.history.contains(&a.parent.0)
-        });
-        if peer_leaves {
+        if self.peer_leaves_abandoned(report) {
             return;
         }
         let theirs = side_from_report(peer, report, self.me.id);
@@ -1647,8 +1657,13 @@ impl Core {
             if self.peers.get(&id).is_some_and(|p| p.sync.is_running()) {
                 if matches!(self.peers[&id].sync, PeerSync::Verifying(_)) {
                     self.end_verify(id, Response::failed("verify interrupted: invalidate"));
-                } else if let Some(state) = self.peers.get_mut(&id) {
-                    state.set_sync(PeerSync::Established, "invalidate");
+                } else {
+                    // The peer's side of the run ends with the connection;
+                    // both decide again (a full resync) on the next one.
+                    if let Some(state) = self.peers.get_mut(&id) {
+                        state.set_sync(PeerSync::Established, "invalidate");
+                    }
+                    self.close_link(id, "invalidate: the resync starts over");
                 }
             }
         }

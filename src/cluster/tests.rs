@@ -1732,3 +1732,44 @@ async fn random_histories() {
 async fn random_histories_of_the_real_engine_are_safe_and_heal() {
     random_histories().await;
 }
+
+/// Replays a history that once broke a rule, and asserts it no longer does.
+async fn replay(shape: Shape, steps: Vec<Step>) {
+    if let Err(violation) = engine_history(shape, Plan::Replay(steps)).await {
+        panic!("{}", violation.report);
+    }
+}
+
+/// Found by a campaign (2+1, shrunk): the Primary loses alpha, whose
+/// connection was replaced, then alpha restarts; the Primary's record of
+/// rule A's generation fails and so does the superblock write that goes
+/// back from it (its disk is detached). alpha, restarted `Consistent`, was
+/// judged against the Diskless peer's unsettled generation, and the
+/// Primary, restarted, against alpha's generation it had abandoned: both
+/// ended Outdated, and only `primary --force` could go on.
+#[tokio::test(start_paused = true)]
+async fn restarted_disks_are_judged_only_against_a_peer_with_a_disk_and_a_live_generation() {
+    use std::time::Duration;
+    let steps = vec![
+        Step::Cut(1, 2),
+        Step::Primary(1),
+        Step::Redial(0, 1),
+        Step::Hold(1, 2),
+        Step::Connect(1, 2),
+        Step::Pass(Duration::from_millis(673)),
+        Step::Crash(0),
+        Step::Connect(0, 1),
+        Step::MetadataFails(1),
+        Step::Pass(Duration::from_millis(655)),
+        Step::Pass(Duration::from_millis(907)),
+    ];
+    replay(TWO_DATA_AND_WITNESS, steps).await;
+}
+
+/// Found by a campaign (three data nodes, shrunk): a second `invalidate`
+/// while the first one's resync ran stopped this node's side of it only;
+/// the source streamed on, and no new resync was ever offered.
+#[tokio::test(start_paused = true)]
+async fn invalidate_during_a_resync_starts_it_over() {
+    replay(THREE_DATA, vec![Step::Invalidate(0), Step::Invalidate(0)]).await;
+}
