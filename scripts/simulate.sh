@@ -2,9 +2,10 @@
 # Long runs of the engine simulation: random histories of the real cluster
 # cores (cuts, held directions, crashes, disk faults, promotions,
 # demotions, time), each checked after every step for two serving
-# Primaries and a reported split-brain, and at its end for a Primary once
-# the network heals. Seeds are split over parallel jobs; a failing seed is
-# printed with the command that replays it.
+# Primaries and a reported split-brain, and at its end for a Primary, and
+# every data node in sync with it, once the network heals. Seeds are split
+# over parallel jobs; a failing seed is printed, shrunk, with the command
+# that replays it.
 #
 #   scripts/simulate.sh [--histories N] [--jobs J] [--first-seed S] [--shape 2+1|3]
 #
@@ -28,7 +29,7 @@ while [[ $# -gt 0 ]]; do
     --shape)
         [[ ${2:-} == "2+1" || ${2:-} == "3" ]] || die "--shape is 2+1 or 3"
         SHAPES=("$2"); shift 2 ;;
-    -h | --help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown option: $1" ;;
     esac
 done
