@@ -29,7 +29,7 @@ while [[ $# -gt 0 ]]; do
     --shape)
         [[ ${2:-} == "2+1" || ${2:-} == "3" ]] || die "--shape is 2+1 or 3"
         SHAPES=("$2"); shift 2 ;;
-    -h | --help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown option: $1" ;;
     esac
 done
