@@ -93,6 +93,8 @@ impl Effects {
     /// closed meanwhile is dropped, as the session would.
     pub fn apply(&self, volume: Option<&Volume>) {
         for effect in self.queued.take() {
+            #[cfg(test)]
+            APPLIED.with(|applied| applied.borrow_mut().push(effect.describe()));
             match effect {
                 Effect::Frame {
                     link,
@@ -120,6 +122,34 @@ impl Effects {
                 }
                 Effect::LossHandled(link) => link.mark_loss_handled(),
             }
+        }
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// What the cores of this thread carried out, in order (tests only).
+    static APPLIED: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Takes what the cores of this thread carried out since the last call.
+#[cfg(test)]
+pub(super) fn take_applied() -> Vec<String> {
+    APPLIED.with(|applied| applied.take())
+}
+
+#[cfg(test)]
+impl Effect {
+    fn describe(&self) -> String {
+        match self {
+            Effect::Frame { link, message, .. } => {
+                format!("frame {} to {}", message.name(), link.peer)
+            }
+            Effect::Gate(Gate::Open { .. }) => "gate open".into(),
+            Effect::Gate(Gate::Held { .. }) => "gate held".into(),
+            Effect::Gate(Gate::Closed { .. }) => "gate closed".into(),
+            Effect::Targets { links, .. } => format!("{} targets", links.len()),
+            Effect::LossHandled(link) => format!("loss of {} handled", link.peer),
         }
     }
 }

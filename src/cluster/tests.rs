@@ -1313,6 +1313,33 @@ async fn a_node_left_in_an_abandoned_generation_hears_of_it_from_nodes_that_neve
     assert_ne!(alpha.lineage.current, abandoned);
 }
 
+/// The daemon's I/O path runs beside the core: a write that waited on a
+/// lost peer is released by the "loss handled" effect and then looks at
+/// the gate. The gate rule A holds must reach the volume first, or the
+/// write is acknowledged without the lost peer before the new generation
+/// is recorded.
+#[tokio::test(start_paused = true)]
+async fn writes_waiting_on_a_lost_peer_are_released_only_once_the_gate_holds() {
+    let mut cluster = in_sync_cluster().await;
+    assert!(done(&cluster.call(ALPHA, primary())));
+    cluster.quiesce().await;
+    // Rule A's new generation cannot be recorded yet (the witness is slow).
+    cluster.hold(WITNESS, ALPHA);
+    super::effects::take_applied();
+    cluster.cut(ALPHA, BETA);
+    cluster.pump();
+    let applied = super::effects::take_applied();
+    let held = applied.iter().position(|e| e == "gate held");
+    let released = applied
+        .iter()
+        .position(|e| *e == format!("loss of {BETA} handled"));
+    assert!(
+        matches!((held, released), (Some(h), Some(r)) if h < r),
+        "{applied:?}"
+    );
+    assert!(matches!(cluster.gate(ALPHA), Gate::Held { .. }));
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_bitmap_page_that_cannot_be_written_detaches_the_disk() {
     let mut cluster = in_sync_cluster().await;
