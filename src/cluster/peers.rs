@@ -480,7 +480,10 @@ impl Core {
             .map(|&(_, parent)| Generation(parent));
         let (to, why) = match abandoned_parent {
             Some(parent) => (parent, "its recorder abandoned it"),
+            // A Diskless peer's lineage may end in a generation whose
+            // failed record it could not write back: not a settled one.
             None if !report.recording_generation
+                && !matches!(report.disk, DiskState::Diskless | DiskState::Failed)
                 && known != theirs
                 && report.lineage.history.contains(&known.0) =>
             {
@@ -490,6 +493,29 @@ impl Core {
         };
         if self.persist("the superseded vote", |sb| sb.known = to) {
             tracing::info!(peer = %peer_name, from = %known, to = %to, reason = %why, "recorded generation given up; this voter follows");
+        }
+    }
+
+    /// Applies the peers' last reports again to this node's vote and data
+    /// generation (see `follow_superseded_vote`,
+    /// `leave_abandoned_data_generation`), which are set aside while it
+    /// promotes or records; tells the peers if either moved.
+    pub(super) fn reconsider_peer_reports(&mut self) {
+        let sb = self.meta.superblock();
+        let before = (sb.known, sb.lineage.current);
+        let reports: Vec<(String, NodeReport)> = self
+            .peers
+            .values()
+            .filter(|p| p.connected())
+            .filter_map(|p| Some((p.node.name.clone(), p.report.clone()?)))
+            .collect();
+        for (name, report) in &reports {
+            self.follow_superseded_vote(name, report);
+            self.leave_abandoned_data_generation(name, report);
+        }
+        let sb = self.meta.superblock();
+        if (sb.known, sb.lineage.current) != before {
+            self.send_reports();
         }
     }
 

@@ -328,10 +328,15 @@ impl Core {
         if !matches!(self.phase, RolePhase::Promoting(_)) {
             return None;
         }
-        match self.set_phase(RolePhase::Secondary, why) {
+        let ended = match self.set_phase(RolePhase::Secondary, why) {
             RolePhase::Promoting(promotion) => Some(promotion),
             _ => None,
-        }
+        };
+        // What the peers reported while this node was promoting (a vote
+        // to give back, an abandoned data generation to leave) was set
+        // aside: take it up now, or nothing may ever repeat it.
+        self.reconsider_peer_reports();
+        ended
     }
 
     /// How long this node still backs a Primary it lost (lease wait).

@@ -1800,3 +1800,26 @@ async fn restarted_disks_are_judged_only_against_a_peer_with_a_disk_and_a_live_g
 async fn invalidate_during_a_resync_starts_it_over() {
     replay(THREE_DATA, vec![Step::Invalidate(0), Step::Invalidate(0)]).await;
 }
+
+/// Found by a campaign (2+1, shrunk, 1 in about 38,000 histories): the
+/// Primary demotes while its rule-A record runs; the record fails and so
+/// does the superblock write that goes back from it (its disk is
+/// detached). alpha moved its vote to that unsettled generation, read off
+/// the Diskless peer's lineage, while a promotion of its own kept it from
+/// hearing, later, that the generation was abandoned: its vote then
+/// refused every promotion.
+#[tokio::test(start_paused = true)]
+async fn a_vote_is_not_moved_by_a_diskless_peer_and_is_given_back_after_a_promotion() {
+    let steps = vec![
+        Step::Primary(1),
+        Step::Hold(1, 2),
+        Step::Cut(0, 1),
+        Step::Secondary(1),
+        Step::MetadataFails(1),
+        Step::Cut(1, 2),
+        Step::Connect(0, 1),
+        Step::Connect(1, 2),
+        Step::Primary(0),
+    ];
+    replay(TWO_DATA_AND_WITNESS, steps).await;
+}
