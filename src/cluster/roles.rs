@@ -742,6 +742,8 @@ impl Core {
         );
         let promoting = change.for_promotion;
         self.answer_generation_callers(change.callers, Response::refused(refusal));
+        // Reports set aside while the record ran.
+        self.reconsider_peer_reports();
         if promoting && self.role() == Role::Primary {
             self.drop_source_resyncs("promotion could not record its generation");
             self.become_secondary("promotion could not record its generation");
