@@ -49,6 +49,24 @@ const BITMAP_WORDS_PER_FRAME: usize = 64 << 10;
 /// a refusal while it promotes would otherwise repeat at network speed.
 const RESYNC_RETRY_AFTER_REFUSAL: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// The parent the peer's recorder went back to from `generation`, if the
+/// peer reports it abandoned.
+fn abandoned_parent(report: &NodeReport, generation: Generation) -> Option<Generation> {
+    report
+        .abandoned
+        .iter()
+        .find(|&&(abandoned, _)| abandoned == generation.0)
+        .map(|&(_, parent)| Generation(parent))
+}
+
+/// Whether the peer's lineage ends in a settled generation, one a vote or
+/// a restarted disk may be judged by: not one still being recorded (it may
+/// fail and be abandoned), and not a Diskless peer's (it may end in a
+/// generation whose failed record it could not write back).
+fn settled_lineage(report: &NodeReport) -> bool {
+    !report.recording_generation && !matches!(report.disk, DiskState::Diskless | DiskState::Failed)
+}
+
 fn side_from_report(id: u8, report: &NodeReport, other: u8) -> Side {
     Side {
         id,
@@ -473,17 +491,9 @@ impl Core {
             return;
         }
         let theirs = Generation(report.lineage.current);
-        let abandoned_parent = report
-            .abandoned
-            .iter()
-            .find(|&&(generation, _)| generation == known.0)
-            .map(|&(_, parent)| Generation(parent));
-        let (to, why) = match abandoned_parent {
+        let (to, why) = match abandoned_parent(report, known) {
             Some(parent) => (parent, "its recorder abandoned it"),
-            // A Diskless peer's lineage may end in a generation whose
-            // failed record it could not write back: not a settled one.
-            None if !report.recording_generation
-                && !matches!(report.disk, DiskState::Diskless | DiskState::Failed)
+            None if settled_lineage(report)
                 && known != theirs
                 && report.lineage.history.contains(&known.0) =>
             {
@@ -530,12 +540,7 @@ impl Core {
             return;
         }
         let lineage = self.meta.superblock().lineage.clone();
-        let Some(parent) = report
-            .abandoned
-            .iter()
-            .find(|&&(generation, _)| generation == lineage.current.0)
-            .map(|&(_, parent)| Generation(parent))
-        else {
+        let Some(parent) = abandoned_parent(report, lineage.current) else {
             return;
         };
         let Some((mut back, _)) = lineage.back_to(parent) else {
@@ -654,14 +659,8 @@ impl Core {
                 self.become_secondary("met a newer generation");
             }
         }
-        // Only a peer with its disk, whose generation is settled, says
-        // whether this data is current: a Diskless one may hold a
-        // generation whose record failed and whose return it could not
-        // write.
-        let peer_tells = peer_is_data
-            && !report.recording_generation
-            && !matches!(report.disk, DiskState::Diskless | DiskState::Failed)
-            && !self.peer_leaves_abandoned(&report);
+        let peer_tells =
+            peer_is_data && settled_lineage(&report) && !self.peer_leaves_abandoned(&report);
         if self.disk == DiskState::Consistent && peer_tells {
             let theirs: Lineage = (&report.lineage).into();
             let relation = self.meta.superblock().lineage.relation_to(&theirs);
