@@ -548,14 +548,20 @@ impl Core {
 
     fn auto_promote(&mut self, reply: oneshot::Sender<CoreReply>) {
         if !self.config.resource.auto_promote {
-            let _ = reply.send(CoreReply::Response(Response::refused(format!(
-                "{} is Secondary on {} and auto-promote is off",
-                self.config.resource.name, self.me.name
-            ))));
+            self.effects.answer(
+                reply,
+                CoreReply::Response(Response::refused(format!(
+                    "{} is Secondary on {} and auto-promote is off",
+                    self.config.resource.name, self.me.name
+                ))),
+            );
             return;
         }
         if self.phase.kind() == PhaseKind::Serving {
-            let _ = reply.send(CoreReply::Response(Response::done("already Primary")));
+            self.effects.answer(
+                reply,
+                CoreReply::Response(Response::done("already Primary")),
+            );
             return;
         }
         tracing::info!("auto-promote: an NBD client is attaching");
@@ -595,15 +601,18 @@ impl Core {
                     status: Some(self.status()),
                     ..Response::done("")
                 };
-                let _ = reply.send(CoreReply::Response(response));
+                self.effects.answer(reply, CoreReply::Response(response));
             }
             Request::Events { now } => {
                 let (snapshot, stream) = self.objects.snapshot();
-                let _ = reply.send(CoreReply::Events {
-                    snapshot,
-                    stream,
-                    follow: !now,
-                });
+                self.effects.answer(
+                    reply,
+                    CoreReply::Events {
+                        snapshot,
+                        stream,
+                        follow: !now,
+                    },
+                );
             }
             Request::Primary {
                 force,
@@ -727,7 +736,7 @@ impl Core {
         response: Response,
     ) {
         self.record_call(request.name(), &response);
-        let _ = reply.send(CoreReply::Response(response));
+        self.effects.answer(reply, CoreReply::Response(response));
     }
 
     pub(super) fn record_call(&self, command: &str, response: &Response) {

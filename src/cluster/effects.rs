@@ -1,5 +1,6 @@
 //! What a step changes outside the core: frames to peers, the volume's
-//! gate and write targets, a lost connection's writes released. A handler
+//! gate and write targets, a lost connection's writes released, answers
+//! to commands. A handler
 //! never does these itself: it queues an [`Effect`], and once the step is
 //! over (`Core::settle`) the effects are carried out in the order queued,
 //! after every superblock write the step made. So a peer never hears of a
@@ -14,6 +15,9 @@ use std::cell::RefCell;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use crate::control::server::CoreReply;
 
 use crate::replication::link::PeerLink;
 use crate::replication::wire::Message;
@@ -39,6 +43,14 @@ enum Effect {
     /// Writes that waited on this lost connection may go on: its loss is
     /// handled (rule A's generation started, the gate held).
     LossHandled(Arc<PeerLink>),
+    /// The answer to an operator's command: queued like the rest, so the
+    /// caller hears "done" only once the gate and the peers show it (a
+    /// client that connects right after `secondary` returns finds a
+    /// Secondary, not a node still being demoted).
+    Answer {
+        to: oneshot::Sender<CoreReply>,
+        reply: CoreReply,
+    },
 }
 
 /// Effects queued by the current step. Interior mutability lets handlers
@@ -85,6 +97,10 @@ impl Effects {
         self.push(Effect::LossHandled(link.clone()));
     }
 
+    pub fn answer(&self, to: oneshot::Sender<CoreReply>, reply: CoreReply) {
+        self.push(Effect::Answer { to, reply });
+    }
+
     fn push(&self, effect: Effect) {
         self.queued.borrow_mut().push(effect);
     }
@@ -121,6 +137,10 @@ impl Effects {
                     }
                 }
                 Effect::LossHandled(link) => link.mark_loss_handled(),
+                Effect::Answer { to, reply } => {
+                    // A caller that went away needs no answer.
+                    let _ = to.send(reply);
+                }
             }
         }
     }
@@ -147,9 +167,10 @@ impl Effect {
             }
             Effect::Gate(Gate::Open { .. }) => "gate open".into(),
             Effect::Gate(Gate::Held { .. }) => "gate held".into(),
-            Effect::Gate(Gate::Closed { .. }) => "gate closed".into(),
+            Effect::Gate(Gate::Closed { refusal, .. }) => format!("gate closed ({refusal:?})"),
             Effect::Targets { links, .. } => format!("{} targets", links.len()),
             Effect::LossHandled(link) => format!("loss of {} handled", link.peer),
+            Effect::Answer { .. } => "answer".into(),
         }
     }
 }

@@ -268,9 +268,12 @@ impl Core {
         let name = state.node.name.clone();
         tracing::warn!(peer = %name, reason, "peer connection lost");
         if let Some(caller) = self.verify_callers.remove(&peer) {
-            let _ = caller.send(CoreReply::Response(Response::failed(format!(
-                "verify aborted: lost {name} ({reason})"
-            ))));
+            self.effects.answer(
+                caller,
+                CoreReply::Response(Response::failed(format!(
+                    "verify aborted: lost {name} ({reason})"
+                ))),
+            );
         }
         self.generation_answer(peer, false);
         self.promotion_peer_lost(peer);

@@ -1340,6 +1340,27 @@ async fn writes_waiting_on_a_lost_peer_are_released_only_once_the_gate_holds() {
     assert!(matches!(cluster.gate(ALPHA), Gate::Held { .. }));
 }
 
+/// A client that connects as soon as `secondary` returns must find a
+/// Secondary, not a node still being demoted (seen in CI: the answer went
+/// out in place, before the step's gate change).
+#[tokio::test(start_paused = true)]
+async fn a_demotion_is_answered_only_once_the_gate_says_secondary() {
+    let mut cluster = in_sync_cluster().await;
+    assert!(done(&cluster.call(ALPHA, primary())));
+    cluster.quiesce().await;
+    super::effects::take_applied();
+    let demoted = cluster.call_pending(ALPHA, Request::Secondary { force: false });
+    cluster.next_background(ALPHA).await;
+    assert!(done(&answered(demoted)));
+    let applied = super::effects::take_applied();
+    let secondary = applied.iter().position(|e| e == "gate closed (NotPrimary)");
+    let answer = applied.iter().position(|e| e == "answer");
+    assert!(
+        matches!((secondary, answer), (Some(g), Some(a)) if g < a),
+        "{applied:?}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_bitmap_page_that_cannot_be_written_detaches_the_disk() {
     let mut cluster = in_sync_cluster().await;
