@@ -97,7 +97,11 @@ fn a_sync_target_that_cannot_record_inconsistent_takes_no_data() {
         &[("FAILPOINTS", "sync-target-persist-fails=return")],
     );
     cluster.wait_status("beta", "beta's disk given up", |s| s["disk"] == "Diskless");
-    wait_log(&cluster, "beta", "cannot record its disk as Inconsistent");
+    wait_log(
+        &cluster,
+        "beta",
+        "could not record its disk as Inconsistent",
+    );
     let alpha = cluster.status("alpha");
     assert_eq!(alpha["role"], "Primary", "{alpha}");
     assert_eq!(alpha["disk"], "UpToDate", "{alpha}");

@@ -248,6 +248,8 @@ pub struct Core {
     pub(super) gate: Gate,
     /// What this step changes outside the core (see `effects.rs`).
     pub(super) effects: super::effects::Effects,
+    /// What the step staged in the superblock, for the failure message.
+    pub(super) unrecorded: Vec<&'static str>,
     objects: ObjectTracker,
 }
 
@@ -355,10 +357,11 @@ impl Core {
                 reason: "starting".into(),
             },
             effects: Default::default(),
+            unrecorded: Vec::new(),
             objects,
         };
         core.close_gate(Refusal::NotPrimary);
-        core.effects.apply(core.volume.as_deref());
+        core.record_and_carry_out();
         core
     }
 
@@ -388,13 +391,41 @@ impl Core {
     /// What follows from any state change, after every step; then the
     /// background work the step queued starts.
     pub(super) fn settle(&mut self) {
+        self.follow_state_changes();
+        self.record_and_carry_out();
+        self.start_jobs();
+    }
+
+    fn follow_state_changes(&mut self) {
         self.check_quorum();
         self.drop_invalid_source_resyncs();
         self.refresh_lease();
         self.refresh_lease_grants();
         self.publish();
+    }
+
+    /// Makes the superblock changes the step staged durable, then carries
+    /// out its effects. A failed write is the next input: what the step's
+    /// effects may still do is done, the core handles the failure, and
+    /// what that queues follows.
+    fn record_and_carry_out(&mut self) {
+        let unrecorded = std::mem::take(&mut self.unrecorded);
+        if let Err(error) = self.meta.commit() {
+            let failure = format!(
+                "{} could not record {} in its superblock ({error}); its metadata is given up on until a restart",
+                self.me.name,
+                unrecorded.join(", ")
+            );
+            let kept = self.effects.take().apply_after_failed_record(
+                self.volume.as_deref(),
+                &failure,
+                self.meta.superblock().known.0,
+            );
+            self.metadata_failed(&failure);
+            self.follow_state_changes();
+            self.effects.append(kept);
+        }
         self.effects.apply(self.volume.as_deref());
-        self.start_jobs();
     }
 
     async fn select(&mut self) -> Action {
@@ -601,11 +632,11 @@ impl Core {
                     status: Some(self.status()),
                     ..Response::done("")
                 };
-                self.effects.answer(reply, CoreReply::Response(response));
+                self.effects.inform(reply, CoreReply::Response(response));
             }
             Request::Events { now } => {
                 let (snapshot, stream) = self.objects.snapshot();
-                self.effects.answer(
+                self.effects.inform(
                     reply,
                     CoreReply::Events {
                         snapshot,
@@ -789,7 +820,7 @@ impl Core {
                     .send(link, Message::Leaving, bytes::Bytes::new());
             }
         }
-        self.effects.apply(self.volume.as_deref());
+        self.record_and_carry_out();
     }
 
     /// The one way the gate changes: the volume gets it with the step's

@@ -1,13 +1,18 @@
 //! What a step changes outside the core: frames to peers, the volume's
 //! gate and write targets, a lost connection's writes released, answers
-//! to commands. A handler
-//! never does these itself: it queues an [`Effect`], and once the step is
-//! over (`Core::settle`) the effects are carried out in the order queued,
-//! after every superblock write the step made. So a peer never hears of a
-//! state (a recorded vote, a finished resync, a new generation) this node
-//! has not made durable, and the I/O path sees the gate a handler closed
-//! before the writes that waited on a lost peer are released, whatever
-//! the order of a handler's lines.
+//! to commands. A handler never does these itself: it queues an
+//! [`Effect`], and once the step is over (`Core::settle`) the effects are
+//! carried out in the order queued, after the superblock changes the step
+//! staged are durable. So a peer never hears of a state (a recorded vote,
+//! a finished resync, a new generation) this node has not made durable,
+//! and the I/O path sees the gate a handler closed before the writes that
+//! waited on a lost peer are released, whatever the order of a handler's
+//! lines.
+//!
+//! When that superblock write fails, the step's effects that could rest on
+//! it are dropped ([`Effects::apply_after_failed_record`]): no frame goes
+//! out, the gate does not open, and a command is answered with the
+//! failure. What only holds I/O back still happens.
 //!
 //! Closing a connection is not queued: the core stops counting it at once.
 
@@ -50,6 +55,9 @@ enum Effect {
     Answer {
         to: oneshot::Sender<CoreReply>,
         reply: CoreReply,
+        /// It reports the state (`status`, `events`) rather than a change
+        /// the caller asked for.
+        informational: bool,
     },
 }
 
@@ -98,7 +106,21 @@ impl Effects {
     }
 
     pub fn answer(&self, to: oneshot::Sender<CoreReply>, reply: CoreReply) {
-        self.push(Effect::Answer { to, reply });
+        self.push(Effect::Answer {
+            to,
+            reply,
+            informational: false,
+        });
+    }
+
+    /// An answer that only reports the state: it goes out even when the
+    /// step's superblock write failed.
+    pub fn inform(&self, to: oneshot::Sender<CoreReply>, reply: CoreReply) {
+        self.push(Effect::Answer {
+            to,
+            reply,
+            informational: true,
+        });
     }
 
     fn push(&self, effect: Effect) {
@@ -137,12 +159,96 @@ impl Effects {
                     }
                 }
                 Effect::LossHandled(link) => link.mark_loss_handled(),
-                Effect::Answer { to, reply } => {
+                Effect::Answer { to, reply, .. } => {
                     // A caller that went away needs no answer.
                     let _ = to.send(reply);
                 }
             }
         }
+    }
+
+    /// Takes the effects queued so far out of the queue.
+    pub fn take(&self) -> Effects {
+        Effects {
+            queued: RefCell::new(self.queued.take()),
+        }
+    }
+
+    /// Carries out what these effects may do when the superblock write
+    /// they followed failed: what holds I/O back (a gate that holds or
+    /// closes, the write targets, a connection closed) and answers that
+    /// report the state. The rest is dropped: frames (a peer would act on
+    /// a state that is not durable), an opening gate; a command is answered
+    /// with `failure`. A vote goes out as a refusal, with the generation
+    /// this node `knows` durably: the asking node need not wait out its
+    /// deadline. Writes that waited on a lost connection go on only once
+    /// the gate no longer lets them through (they then fail): the core
+    /// closes it when it handles the failure, before the next apply.
+    pub fn apply_after_failed_record(
+        &self,
+        volume: Option<&Volume>,
+        failure: &str,
+        knows: u64,
+    ) -> Effects {
+        let kept = Effects::default();
+        for effect in self.queued.take() {
+            #[cfg(test)]
+            APPLIED.with(|applied| {
+                applied
+                    .borrow_mut()
+                    .push(format!("{} (after a failed record)", effect.describe()))
+            });
+            match effect {
+                Effect::Frame {
+                    link,
+                    close_after: Some(reason),
+                    ..
+                } => link.close(&reason),
+                Effect::Frame {
+                    link,
+                    message: Message::GenerationRecorded { token, .. },
+                    ..
+                } => {
+                    let refusal = Message::GenerationRecorded {
+                        token,
+                        accepted: false,
+                        adopted: false,
+                        known: knows,
+                    };
+                    link.send(refusal, Bytes::new());
+                }
+                Effect::Frame { .. } | Effect::Gate(Gate::Open { .. }) => {}
+                Effect::Gate(gate) => {
+                    if let Some(volume) = volume {
+                        volume.set_gate(gate);
+                    }
+                }
+                Effect::Targets { links, zero_fast } => {
+                    if let Some(volume) = volume {
+                        volume.set_targets(links, zero_fast);
+                    }
+                }
+                Effect::LossHandled(link) => kept.loss_handled(&link),
+                Effect::Answer {
+                    to,
+                    reply,
+                    informational: true,
+                } => {
+                    let _ = to.send(reply);
+                }
+                Effect::Answer { to, .. } => {
+                    let _ = to.send(CoreReply::Response(
+                        crate::control::protocol::Response::failed(failure.to_owned()),
+                    ));
+                }
+            }
+        }
+        kept
+    }
+
+    /// Queues `other`'s effects after these.
+    pub fn append(&self, other: Effects) {
+        self.queued.borrow_mut().extend(other.queued.take());
     }
 }
 

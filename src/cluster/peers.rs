@@ -322,11 +322,9 @@ impl Core {
             "backing disk failed: detaching (on-io-error = detach); this node goes Diskless"
         );
         self.set_disk(DiskState::Diskless, "the backing disk failed");
-        if let Err(error) = self.meta.update(|sb| sb.disk = StoredDisk::Inconsistent) {
-            // The disk is gone either way; after a restart its stale
-            // generation shows it as behind.
-            tracing::error!(%error, "could not record the failed disk in the superblock either");
-        }
+        // After a restart its stale generation shows the disk as behind,
+        // even if this is not recorded either.
+        self.persist("the failed disk", |sb| sb.disk = StoredDisk::Inconsistent);
         // A node without its disk takes no role (a Diskless Primary that
         // serves through its peers is not built yet): a promotion under
         // way is cancelled, and a Primary steps down. Its clients get EIO,
@@ -340,17 +338,37 @@ impl Core {
         self.send_reports();
     }
 
-    /// Writes a superblock change. A write that fails is a disk failure
-    /// (`on-io-error`): the node goes Diskless and the caller must not go on
-    /// as if the change were durable (`false`).
-    pub(super) fn persist(&mut self, what: &str, change: impl FnOnce(&mut Superblock)) -> bool {
-        match self.meta.update(change) {
-            Ok(()) => true,
-            Err(error) => {
-                self.disk_failed(&format!("recording {what} in the superblock: {error}"));
-                false
-            }
+    /// A superblock write failed (`failure` says which). The metadata is
+    /// given up on until a restart: this node records nothing more, so it
+    /// gives no vote, and its disk is detached (`on-io-error`). What the
+    /// failed step would have told its peers was dropped: they hear this
+    /// node's state again.
+    pub(super) fn metadata_failed(&mut self, failure: &str) {
+        tracing::error!(
+            failure,
+            "superblock write failed: this node records and votes no more until it is restarted"
+        );
+        self.meta.detach();
+        if self.me.is_data() {
+            self.disk_failed(failure);
         }
+        // A generation this node can no longer record: its callers hear
+        // so now rather than of a record that never comes.
+        if let Some(change) = self.generation_change.take() {
+            let response = Response::refused(format!("refused: {failure}"));
+            self.answer_generation_callers(change.callers, response);
+        }
+        self.send_reports();
+    }
+
+    /// Stages a superblock change, written once the step is over, before
+    /// anything of the step leaves the node (see `effects.rs`). If that
+    /// write fails, the failure is the next input (`metadata_failed`):
+    /// a handler goes on as if the change were durable, and nothing it
+    /// queued that could rest on it is carried out.
+    pub(super) fn persist(&mut self, what: &'static str, change: impl FnOnce(&mut Superblock)) {
+        self.meta.stage(change);
+        self.unrecorded.push(what);
     }
 
     fn peer_frame(&mut self, peer: u8, frame: Frame) {
@@ -504,9 +522,8 @@ impl Core {
             }
             None => return,
         };
-        if self.persist("the superseded vote", |sb| sb.known = to) {
-            tracing::info!(peer = %peer_name, from = %known, to = %to, reason = %why, "recorded generation given up; this voter follows");
-        }
+        self.persist("the superseded vote", |sb| sb.known = to);
+        tracing::info!(peer = %peer_name, from = %known, to = %to, reason = %why, "recorded generation given up; this voter follows");
     }
 
     /// Applies the peers' last reports again to this node's vote and data
@@ -550,11 +567,10 @@ impl Core {
             return;
         };
         back.remember_failed(lineage.current);
-        if self.persist("the return from an abandoned generation", |sb| {
+        self.persist("the return from an abandoned generation", |sb| {
             sb.lineage = back;
-        }) {
-            tracing::warn!(peer = %peer_name, abandoned = %lineage.current, back_to = %parent, "this node's data generation was abandoned by its recorder: back in the generation before it");
-        }
+        });
+        tracing::warn!(peer = %peer_name, abandoned = %lineage.current, back_to = %parent, "this node's data generation was abandoned by its recorder: back in the generation before it");
     }
 
     /// Keeps the generations the peer reports abandoned that branch off
@@ -575,7 +591,8 @@ impl Core {
         }
         self.persist("the generations other nodes abandoned", |sb| {
             sb.abandoned = kept;
-        })
+        });
+        true
     }
 
     /// The peer holds a generation this node knows was abandoned: it goes
@@ -724,9 +741,8 @@ impl Core {
         } else {
             (DiskState::Outdated, StoredDisk::Outdated)
         };
-        if self.persist("the resolved disk state", |sb| sb.disk = stored) {
-            self.set_disk(resolved, why);
-        }
+        self.persist("the resolved disk state", |sb| sb.disk = stored);
+        self.set_disk(resolved, why);
     }
 
     /// While a peer is in sync with us (same data generation, both
@@ -1053,15 +1069,8 @@ impl Core {
         // Durable before the source may send a block: a crash mid-resync
         // must leave a disk recorded Inconsistent, never one recorded as
         // current with half of it overwritten.
-        if overwritten && !self.persist_sync_target() {
-            let reason = format!(
-                "{} cannot record its disk as Inconsistent, so it takes no resync data",
-                self.me.name
-            );
-            tracing::error!(peer = %self.peer_name(peer), "{reason}");
-            self.effects
-                .send(&link, Message::SyncRefuse { reason }, Bytes::new());
-            return;
+        if overwritten {
+            self.persist_sync_target();
         }
         let Some(state) = self.peers.get_mut(&peer) else {
             return;
@@ -1090,15 +1099,17 @@ impl Core {
         }
     }
 
-    /// Records the disk as Inconsistent before a resync overwrites it.
-    fn persist_sync_target(&mut self) -> bool {
+    /// Records the disk as Inconsistent before a resync overwrites it: the
+    /// bitmap this node answers with (and so the source's first block)
+    /// goes out only once that is durable.
+    fn persist_sync_target(&mut self) {
+        #[cfg(feature = "failpoints")]
         if sync_target_persist_fault() {
-            self.disk_failed("recording Inconsistent in the superblock: injected fault");
-            return false;
+            self.meta.set_failing(true);
         }
-        self.persist("Inconsistent (resync target)", |sb| {
+        self.persist("its disk as Inconsistent (resync target)", |sb| {
             sb.disk = StoredDisk::Inconsistent
-        })
+        });
     }
 
     /// We are the source and both hold the union: start streaming.
@@ -1200,11 +1211,9 @@ impl Core {
                 // The bitmap toward the peer now tracks since this
                 // generation: durable before the SyncEnd says so.
                 if let Some(slot) = self.meta.superblock().slot_of(peer) {
-                    if !self.persist("the bitmap's tracking generation", |sb| {
+                    self.persist("the bitmap's tracking generation", |sb| {
                         sb.peer_slots[usize::from(slot)].tracking = Some(generation)
-                    }) {
-                        return;
-                    }
+                    });
                 }
                 if let Some(link) = link {
                     self.effects
@@ -1261,7 +1270,7 @@ impl Core {
             tracker.with_bitmap(peer, |b| b.clear_all());
         }
         let generation = lineage.current;
-        let recorded = self.persist("the finished resync", |sb| {
+        self.persist("the finished resync", |sb| {
             sb.lineage = lineage.clone();
             if sb.known != generation && !lineage.history.contains(&sb.known) {
                 // Keep the newest known generation.
@@ -1279,10 +1288,6 @@ impl Core {
                 sb.peer_slots[usize::from(slot)].tracking = Some(generation);
             }
         });
-        if !recorded {
-            self.close_link(peer, "cannot record the finished resync");
-            return;
-        }
         self.set_disk(DiskState::UpToDate, "resync done");
         if let Some(state) = self.peers.get_mut(&peer) {
             state.set_sync(PeerSync::Established, "resync done");
@@ -1306,7 +1311,13 @@ impl Core {
         let new: Lineage = lineage.into();
         let generation = new.current;
         let sb = self.meta.superblock();
-        let verdict = voter::may_record(self.primary_or_promoting(), sb.known, &new).and_then(
+        let verdict = voter::may_record(
+            self.primary_or_promoting(),
+            self.meta.is_detached(),
+            sb.known,
+            &new,
+        )
+        .and_then(
             |()| match self.withdraw_superseded_grants(peer, generation) {
                 Some(holder) => Err(voter::Refusal::LeaseMayRun { holder }),
                 None => Ok(()),
@@ -1326,20 +1337,23 @@ impl Core {
                 tracing::warn!(peer = %self.peer_name(peer), %generation, reason = %refusal, "refusing to record another node's generation");
                 false
             }
-            Ok(()) => self.persist("a peer's new generation", |sb| {
-                sb.known = generation;
-                match data_after {
-                    voter::DataAfter::Adopted => {
-                        sb.lineage = new.clone();
-                        sb.flags.wrote_in_generation = false;
-                        if let Some(slot) = sb.slot_of(peer) {
-                            sb.peer_slots[usize::from(slot)].tracking = Some(generation);
+            Ok(()) => {
+                self.persist("a peer's new generation", |sb| {
+                    sb.known = generation;
+                    match data_after {
+                        voter::DataAfter::Adopted => {
+                            sb.lineage = new.clone();
+                            sb.flags.wrote_in_generation = false;
+                            if let Some(slot) = sb.slot_of(peer) {
+                                sb.peer_slots[usize::from(slot)].tracking = Some(generation);
+                            }
                         }
+                        voter::DataAfter::Outdated => sb.disk = StoredDisk::Outdated,
+                        voter::DataAfter::Unchanged => {}
                     }
-                    voter::DataAfter::Outdated => sb.disk = StoredDisk::Outdated,
-                    voter::DataAfter::Unchanged => {}
-                }
-            }),
+                });
+                true
+            }
         };
         let adopted = accepted && data_after == voter::DataAfter::Adopted;
         if accepted {
@@ -1651,6 +1665,12 @@ impl Core {
     }
 
     pub(super) fn invalidate(&mut self) -> Response {
+        if self.disk == DiskState::Diskless && self.me.is_data() {
+            return Response::refused(format!(
+                "refused: {}'s disk is detached (Diskless): there is no data to invalidate",
+                self.me.name
+            ));
+        }
         if self.role() == Role::Primary {
             return Response::refused(
                 "refused: a Primary cannot invalidate its own data; demote it first",
@@ -1695,14 +1715,10 @@ impl Core {
                 }
             }
         }
-        if !self.persist("the invalidation", |sb| {
+        self.persist("the invalidation", |sb| {
             sb.disk = StoredDisk::Inconsistent;
             sb.flags.needs_full_sync = true;
-        }) {
-            return Response::failed(
-                "cannot record the invalidation: the disk failed and was detached",
-            );
-        }
+        });
         self.set_disk(DiskState::Inconsistent, "invalidate");
         self.send_reports();
         Response::done(format!(
@@ -1866,6 +1882,7 @@ impl Core {
 
 /// Fault point (`failpoints` feature, tests only): recording a resync
 /// target's Inconsistent disk fails.
+#[cfg(feature = "failpoints")]
 fn sync_target_persist_fault() -> bool {
     fail::fail_point!("sync-target-persist-fails", |_| true);
     false

@@ -386,17 +386,13 @@ impl Core {
             (0, None, None) => self.smallest_capacity(capacity),
             (fixed, _, _) => fixed,
         };
-        if !self.persist("the promotion", |sb| {
+        self.persist("the promotion", |sb| {
             sb.disk = StoredDisk::UpToDate;
             sb.data_size_bytes = size_bytes;
             if force {
                 sb.flags.needs_full_sync = false;
             }
-        }) {
-            // The disk was detached, which cancelled the promotion and
-            // answered its callers.
-            return;
-        }
+        });
         self.set_disk(DiskState::UpToDate, "promoted");
         let callers = match self.set_phase(RolePhase::Primary(PrimaryPhase::Recording), "promoted")
         {
@@ -512,19 +508,13 @@ impl Core {
         // A failure detaches the disk, and a Primary steps down: going on
         // without the new generation would acknowledge writes a lost peer
         // lacks while it still passes for current.
-        if !self.persist("a new generation", |sb| {
+        self.persist("a new generation", |sb| {
             // A superseded change keeps the parent it started from.
             sb.recording_from = sb.recording_from.or(Some(sb.lineage.current));
             sb.lineage.advance(generation);
             sb.known = generation;
             sb.flags.wrote_in_generation = false;
-        }) {
-            let response = Response::failed(
-                "cannot record the new generation: the disk failed and was detached",
-            );
-            self.answer_generation_callers(callers, response);
-            return;
-        }
+        });
         tracing::info!(%generation, previous = %previous.current, reason = %reason, "new generation");
         if let Some(volume) = &self.volume {
             volume.reset_wrote();
@@ -595,7 +585,7 @@ impl Core {
     }
 
     /// Answers the `primary` commands that wait for a generation's record.
-    fn answer_generation_callers(
+    pub(super) fn answer_generation_callers(
         &self,
         callers: Vec<oneshot::Sender<CoreReply>>,
         response: Response,
@@ -653,19 +643,13 @@ impl Core {
             // restarted node is a crashed Primary (a promotion whose record
             // fails never acknowledged one, and is not).
             let serves_next = matches!(self.phase, RolePhase::Primary(_));
-            if !self.persist("the settled generation", |sb| {
+            // If this fails, the gate opened below stays shut: after a
+            // crash this node would go back to the parent generation and
+            // lose what it acknowledged.
+            self.persist("the settled generation", |sb| {
                 sb.recording_from = None;
                 sb.flags.primary_crashed |= serves_next;
-            }) {
-                // Writes stay held: after a crash this node would go back
-                // to the parent generation and lose what it acknowledged.
-                self.answer_generation_callers(
-                    change.callers,
-                    Response::failed("cannot record the settled generation in the superblock"),
-                );
-                self.retry_generation_later("its record could not be made durable");
-                return;
-            }
+            });
             tracing::info!(generation = %change.generation, recorded_on = %accepted.join(","), reason = %change.reason, "generation recorded");
             if self.role() == Role::Primary {
                 // Every peer that took the generation as its data must get

@@ -515,6 +515,20 @@ impl Cluster {
         self.cores.get_mut(&id).unwrap().meta.set_failing(true);
     }
 
+    /// A write of node `id`'s bitmap pages fails.
+    pub fn fail_bitmap_write(&mut self, id: u8) {
+        let failed = crate::meta::MetaError::Io {
+            what: "writing bitmap pages to",
+            path: "the test disk".into(),
+            source: std::io::Error::other("injected"),
+        };
+        self.step(
+            id,
+            Action::Internal(super::core::Internal::BitmapsFlushed(Err(failed))),
+        );
+        self.pump();
+    }
+
     /// Whether `a` and `b` have a live connection.
     pub fn linked(&self, a: u8, b: u8) -> bool {
         self.wires.get(&(a, b)).is_some_and(|w| !w.link.is_closed())
@@ -644,7 +658,7 @@ pub(super) fn count_transition(machine: &'static str, from: String, to: String) 
 
 /// Transitions the tables allow that the shapes simulated here (quorum
 /// on) cannot make, and why.
-const NOT_IN_THESE_HISTORIES: [(&str, &str, &str, &str); 4] = [
+const NOT_IN_THESE_HISTORIES: [(&str, &str, &str, &str); 5] = [
     (
         "replication",
         "Established",
@@ -668,6 +682,13 @@ const NOT_IN_THESE_HISTORIES: [(&str, &str, &str, &str); 4] = [
         "Consistent",
         "Inconsistent",
         "a restarted disk meets its quorum, and is resolved, before any resync offer",
+    ),
+    (
+        "disk",
+        "Consistent",
+        "Diskless",
+        "a random disk failure could destroy the last good copy, which no heal brings back; \
+         a_restarted_disk_that_fails_before_it_is_judged_goes_diskless makes it",
     ),
 ];
 
@@ -840,7 +861,7 @@ async fn a_promotion_that_cannot_be_written_detaches_the_disk_and_is_refused() {
     cluster.fail_metadata(ALPHA);
     let answer = cluster.call_and_wait(ALPHA, primary()).await;
     assert!(
-        refusal(&answer).contains("backing disk failed"),
+        refusal(&answer).contains("alpha could not record the promotion"),
         "{answer:?}"
     );
     let alpha = cluster.status(ALPHA);
@@ -1362,21 +1383,28 @@ async fn a_demotion_is_answered_only_once_the_gate_says_secondary() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_restarted_disk_that_fails_before_it_is_judged_goes_diskless() {
+    let mut cluster = in_sync_cluster().await;
+    cluster.crash_and_restart(BETA);
+    assert_eq!(cluster.status(BETA).disk, DiskState::Consistent);
+    cluster.fail_bitmap_write(BETA);
+    assert_eq!(cluster.status(BETA).disk, DiskState::Diskless);
+    // It stays so when it meets its peers: the disk is not judged again.
+    cluster.connect(BETA, ALPHA);
+    cluster.connect(BETA, WITNESS);
+    cluster.quiesce().await;
+    assert_eq!(cluster.status(BETA).disk, DiskState::Diskless);
+    let answer = cluster.call(BETA, primary());
+    assert!(!done(&answer), "{answer:?}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_bitmap_page_that_cannot_be_written_detaches_the_disk() {
     let mut cluster = in_sync_cluster().await;
     assert!(done(&cluster.call(ALPHA, primary())));
     // The write of alpha's changed bitmap pages failed: after a crash the
     // bitmap could forget blocks beta needs.
-    let failed = crate::meta::MetaError::Io {
-        what: "writing bitmap pages to",
-        path: "alpha.img".into(),
-        source: std::io::Error::other("injected"),
-    };
-    cluster.step(
-        ALPHA,
-        Action::Internal(super::core::Internal::BitmapsFlushed(Err(failed))),
-    );
-    cluster.pump();
+    cluster.fail_bitmap_write(ALPHA);
     assert_eq!(cluster.status(ALPHA).disk, DiskState::Diskless);
     assert_eq!(
         cluster.cores[&ALPHA].meta.superblock().disk,
@@ -1405,6 +1433,9 @@ enum Step {
     /// The node's superblock writes fail from now on: the next one
     /// detaches the disk. A restart brings it back.
     MetadataFails(u8),
+    /// A write of the node's bitmap pages failed: its disk is detached
+    /// (and after the restart that replaces it, Inconsistent).
+    DiskFails(u8),
     Invalidate(u8),
     Pass(std::time::Duration),
 }
@@ -1414,13 +1445,19 @@ fn choose_step(rng: &mut impl rand::Rng, cluster: &Cluster, shape: Shape) -> Ste
     let data_nodes = data_nodes_of(shape);
     let (a, b) = pairs[rng.gen_range(0..pairs.len())];
     let data = data_nodes[rng.gen_range(0..data_nodes.len())];
-    // Disk faults and invalidations go to an Outdated node when there is
-    // one: it is Outdated only briefly (until its resync), and what
-    // happens to it then is rare otherwise.
+    // Disk faults and invalidations go to an Outdated or restarted
+    // (Consistent) node when there is one: it is so only briefly (until
+    // its resync, until it meets a peer), and what happens to it then is
+    // rare otherwise.
     let faulty = data_nodes
         .iter()
         .copied()
-        .find(|&id| cluster.status(id).disk == DiskState::Outdated)
+        .find(|&id| {
+            matches!(
+                cluster.status(id).disk,
+                DiskState::Outdated | DiskState::Consistent
+            )
+        })
         .unwrap_or(data);
     match rng.gen_range(0..100) {
         0..=14 if cluster.linked(a, b) && rng.gen_bool(0.25) => Step::Redial(a, b),
@@ -1437,10 +1474,27 @@ fn choose_step(rng: &mut impl rand::Rng, cluster: &Cluster, shape: Shape) -> Ste
         25..=44 => Step::Primary(data),
         45..=54 => Step::Secondary(data),
         55..=62 => Step::Crash(rng.gen_range(0..shape.len() as u8)),
-        63..=65 => Step::MetadataFails(faulty),
+        63..=64 => Step::MetadataFails(faulty),
+        // Only a disk another node has a copy of: a failed disk's data is
+        // gone, and the last good copy gone leaves nothing to heal from.
+        65 if has_a_copy_elsewhere(cluster, shape, faulty) => Step::DiskFails(faulty),
+        65 if has_a_copy_elsewhere(cluster, shape, data) => Step::DiskFails(data),
         66..=67 => Step::Invalidate(faulty),
         _ => Step::Pass(std::time::Duration::from_millis(rng.gen_range(10..1500))),
     }
+}
+
+/// Whether node `id`'s disk is behind, or another data node is UpToDate
+/// in its generation.
+fn has_a_copy_elsewhere(cluster: &Cluster, shape: Shape, id: u8) -> bool {
+    let mine = cluster.status(id);
+    mine.disk == DiskState::Outdated
+        || data_nodes_of(shape).into_iter().any(|other| {
+            let theirs = cluster.status(other);
+            other != id
+                && theirs.disk == DiskState::UpToDate
+                && theirs.generation == mine.generation
+        })
 }
 
 /// Takes `step`; says what happened.
@@ -1498,6 +1552,10 @@ async fn take_step(cluster: &mut Cluster, shape: Shape, step: Step) -> String {
         Step::MetadataFails(id) => {
             cluster.fail_metadata(id);
             format!("metadata of {id} fails")
+        }
+        Step::DiskFails(id) => {
+            cluster.fail_bitmap_write(id);
+            format!("disk of {id} fails")
         }
         Step::Invalidate(id) => {
             // Only with every other data node's view fresh both ways: two
@@ -1605,7 +1663,7 @@ async fn engine_history(shape: Shape, plan: Plan) -> Result<(), Violation> {
     // every pair connected, time for holds and waits to pass; then some
     // data node can be Primary.
     for &id in &data_nodes {
-        if cluster.cores[&id].meta.is_failing() {
+        if cluster.cores[&id].meta.is_failing() || cluster.status(id).disk == DiskState::Diskless {
             cluster.crash_and_restart(id);
         }
     }

@@ -26,6 +26,9 @@ pub enum Refusal {
     /// A Primary (or a node recording its own generation) whose lease from
     /// this voter may still run would be superseded.
     LeaseMayRun { holder: u8 },
+    /// A superblock write failed on this node: a vote it cannot record
+    /// would be forgotten in a crash.
+    CannotRecord,
 }
 
 impl fmt::Display for Refusal {
@@ -40,6 +43,10 @@ impl fmt::Display for Refusal {
                 f,
                 "node {holder}'s lease from this node may still run and would be superseded"
             ),
+            Refusal::CannotRecord => write!(
+                f,
+                "this node cannot write its superblock (restart it once its disk works)"
+            ),
         }
     }
 }
@@ -47,8 +54,15 @@ impl fmt::Display for Refusal {
 /// The checks that need no lease withdrawal. Only when they pass does the
 /// core withdraw the leases it would supersede (and refuse with
 /// [`Refusal::LeaseMayRun`] if one may still run).
-pub fn may_record(competing: bool, known: Generation, new: &Lineage) -> Result<(), Refusal> {
-    if competing {
+pub fn may_record(
+    competing: bool,
+    cannot_record: bool,
+    known: Generation,
+    new: &Lineage,
+) -> Result<(), Refusal> {
+    if cannot_record {
+        Err(Refusal::CannotRecord)
+    } else if competing {
         Err(Refusal::Competing)
     } else if !new.contains(known) {
         Err(Refusal::NotASuccessor { known })
@@ -121,16 +135,21 @@ mod tests {
 
     proptest! {
         /// The compare-and-set: a voter records only a lineage holding
-        /// what it knows, and never while competing.
+        /// what it knows, never while competing, and never once it cannot
+        /// write its superblock.
         #[test]
         fn a_record_always_descends_from_what_the_voter_knows(
             ids in prop::collection::vec(0u64..8, 1..6),
             known in 0u64..8,
             competing: bool,
+            cannot_record: bool,
         ) {
             let new = lineage(&ids);
-            let verdict = may_record(competing, Generation(known), &new);
-            prop_assert_eq!(verdict.is_ok(), !competing && new.contains(Generation(known)));
+            let verdict = may_record(competing, cannot_record, Generation(known), &new);
+            prop_assert_eq!(
+                verdict.is_ok(),
+                !competing && !cannot_record && new.contains(Generation(known))
+            );
         }
 
         /// A voter takes the sender's generation as its data only when it

@@ -2,11 +2,13 @@
 //! the activity log, internal (end of the disk) or in a separate file.
 //!
 //! [`MetaStore`] owns the file that holds the metadata and the current
-//! superblock. Every change goes through [`MetaStore::update`], which writes
-//! the next sequence number into the copy not holding the current one and
-//! waits for it to be durable before returning — so the caller may act on
-//! the new state (acknowledge writes in a new generation, say) only once it
-//! is safe on disk.
+//! superblock. A change is staged in memory ([`MetaStore::stage`]) and made
+//! durable by [`MetaStore::commit`], which writes the next sequence number
+//! into the copy not holding the last durable one and waits for it to be
+//! on disk. The cluster core stages the changes of a step and commits them
+//! once, before anything of the step leaves the node: so a peer or a client
+//! acts on a new state (a vote, a new generation) only once it is safe on
+//! disk. [`MetaStore::update`] does both, for callers outside the core.
 
 pub mod activity_log;
 pub mod bitmap;
@@ -86,8 +88,18 @@ pub struct MetaStore {
     file: File,
     path: PathBuf,
     superblock: Superblock,
-    /// Unit tests of the cluster core make superblock writes fail.
-    #[cfg(test)]
+    /// The newest superblock on disk: `superblock` goes back to it when a
+    /// write fails.
+    durable: Superblock,
+    /// Staged changes not yet on disk.
+    staged: bool,
+    /// A write failed: the metadata is given up on until a restart, and
+    /// nothing more is staged (the superblock stays the durable one, what
+    /// a restart would read).
+    detached: bool,
+    /// Unit tests of the cluster core, and fault injection, make
+    /// superblock writes fail.
+    #[cfg(any(test, feature = "failpoints"))]
     failing: bool,
 }
 
@@ -316,16 +328,20 @@ impl MetaStore {
             abandoned: Vec::new(),
         };
         let mut store = MetaStore {
-            #[cfg(test)]
+            #[cfg(any(test, feature = "failpoints"))]
             failing: false,
             file,
             path: site.path,
+            durable: superblock.clone(),
             superblock,
+            staged: false,
+            detached: false,
         };
         // Write both copies so that no older metadata survives in either.
         store.write_copy(0)?;
         store.superblock.seq = 1;
         store.write_copy(1)?;
+        store.durable = store.superblock.clone();
         Ok(store)
     }
 
@@ -391,11 +407,14 @@ impl MetaStore {
             });
         }
         Ok(MetaStore {
-            #[cfg(test)]
+            #[cfg(any(test, feature = "failpoints"))]
             failing: false,
             file,
             path: site.path,
+            durable: superblock.clone(),
             superblock,
+            staged: false,
+            detached: false,
         })
     }
 
@@ -409,23 +428,61 @@ impl MetaStore {
 
     /// Applies `change` and makes it durable before returning.
     pub fn update(&mut self, change: impl FnOnce(&mut Superblock)) -> Result<(), MetaError> {
-        let previous = self.superblock.clone();
+        self.stage(change);
+        self.commit()
+    }
+
+    /// Applies `change` in memory; the next [`MetaStore::commit`] writes
+    /// it. Detached metadata takes no change.
+    pub fn stage(&mut self, change: impl FnOnce(&mut Superblock)) {
+        if self.detached {
+            return;
+        }
+        let layout = self.superblock.layout;
         change(&mut self.superblock);
-        self.superblock.seq = previous.seq + 1;
         assert_eq!(
-            self.superblock.layout, previous.layout,
+            self.superblock.layout, layout,
             "layout is fixed at create-md"
         );
-        let copy = self.superblock.seq % SUPERBLOCK_COPIES;
-        if let Err(e) = self.write_copy(copy) {
-            self.superblock = previous;
-            return Err(e);
+        self.staged = true;
+    }
+
+    /// Makes what is staged durable. When the write fails, what was
+    /// staged is dropped: the superblock goes back to the durable one.
+    /// The write goes into the copy not holding the durable superblock,
+    /// so a torn write leaves that one readable.
+    pub fn commit(&mut self) -> Result<(), MetaError> {
+        if !self.staged {
+            return Ok(());
         }
-        Ok(())
+        self.staged = false;
+        self.superblock.seq = self.durable.seq + 1;
+        match self.write_copy(self.superblock.seq % SUPERBLOCK_COPIES) {
+            Ok(()) => {
+                self.durable = self.superblock.clone();
+                Ok(())
+            }
+            Err(error) => {
+                self.superblock = self.durable.clone();
+                Err(error)
+            }
+        }
+    }
+
+    /// Gives up on the metadata after a failed write: nothing more is
+    /// staged or written until a restart.
+    pub fn detach(&mut self) {
+        self.detached = true;
+    }
+
+    /// Whether a write failed and the metadata was given up on: this node
+    /// can record nothing, so it must promise nothing (a vote).
+    pub fn is_detached(&self) -> bool {
+        self.detached
     }
 
     /// From now on every superblock write fails (or succeeds again).
-    #[cfg(test)]
+    #[cfg(any(test, feature = "failpoints"))]
     pub fn set_failing(&mut self, failing: bool) {
         self.failing = failing;
     }
@@ -436,7 +493,7 @@ impl MetaStore {
     }
 
     fn write_copy(&mut self, copy: u64) -> Result<(), MetaError> {
-        #[cfg(test)]
+        #[cfg(any(test, feature = "failpoints"))]
         if self.failing {
             return Err(MetaError::Io {
                 what: "cannot write superblock to",
