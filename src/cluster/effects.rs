@@ -22,6 +22,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
+use crate::control::protocol::Response;
 use crate::control::server::CoreReply;
 
 use crate::replication::link::PeerLink;
@@ -131,39 +132,7 @@ impl Effects {
     /// closed meanwhile is dropped, as the session would.
     pub fn apply(&self, volume: Option<&Volume>) {
         for effect in self.queued.take() {
-            #[cfg(test)]
-            APPLIED.with(|applied| applied.borrow_mut().push(effect.describe()));
-            match effect {
-                Effect::Frame {
-                    link,
-                    message,
-                    close_after: Some(reason),
-                    ..
-                } => link.send_and_close(message, reason),
-                Effect::Frame {
-                    link,
-                    message,
-                    payload,
-                    close_after: None,
-                } => {
-                    link.send(message, payload);
-                }
-                Effect::Gate(gate) => {
-                    if let Some(volume) = volume {
-                        volume.set_gate(gate);
-                    }
-                }
-                Effect::Targets { links, zero_fast } => {
-                    if let Some(volume) = volume {
-                        volume.set_targets(links, zero_fast);
-                    }
-                }
-                Effect::LossHandled(link) => link.mark_loss_handled(),
-                Effect::Answer { to, reply, .. } => {
-                    // A caller that went away needs no answer.
-                    let _ = to.send(reply);
-                }
-            }
+            effect.carry_out(volume);
         }
     }
 
@@ -182,8 +151,8 @@ impl Effects {
     /// with `failure`. A vote goes out as a refusal, with the generation
     /// this node `knows` durably: the asking node need not wait out its
     /// deadline. Writes that waited on a lost connection go on only once
-    /// the gate no longer lets them through (they then fail): the core
-    /// closes it when it handles the failure, before the next apply.
+    /// the gate no longer lets them through (they then fail): they are
+    /// returned, for the core to queue after it has handled the failure.
     pub fn apply_after_failed_record(
         &self,
         volume: Option<&Volume>,
@@ -192,56 +161,47 @@ impl Effects {
     ) -> Effects {
         let kept = Effects::default();
         for effect in self.queued.take() {
-            #[cfg(test)]
-            APPLIED.with(|applied| {
-                applied
-                    .borrow_mut()
-                    .push(format!("{} (after a failed record)", effect.describe()))
-            });
-            match effect {
+            let still = match effect {
                 Effect::Frame {
                     link,
                     close_after: Some(reason),
                     ..
-                } => link.close(&reason),
+                } => {
+                    link.close(reason);
+                    continue;
+                }
                 Effect::Frame {
                     link,
                     message: Message::GenerationRecorded { token, .. },
                     ..
-                } => {
-                    let refusal = Message::GenerationRecorded {
+                } => Effect::Frame {
+                    link,
+                    message: Message::GenerationRecorded {
                         token,
                         accepted: false,
                         adopted: false,
                         known: knows,
-                    };
-                    link.send(refusal, Bytes::new());
+                    },
+                    payload: Bytes::new(),
+                    close_after: None,
+                },
+                Effect::Frame { .. } | Effect::Gate(Gate::Open { .. }) => continue,
+                Effect::LossHandled(link) => {
+                    kept.loss_handled(&link);
+                    continue;
                 }
-                Effect::Frame { .. } | Effect::Gate(Gate::Open { .. }) => {}
-                Effect::Gate(gate) => {
-                    if let Some(volume) = volume {
-                        volume.set_gate(gate);
-                    }
-                }
-                Effect::Targets { links, zero_fast } => {
-                    if let Some(volume) = volume {
-                        volume.set_targets(links, zero_fast);
-                    }
-                }
-                Effect::LossHandled(link) => kept.loss_handled(&link),
                 Effect::Answer {
                     to,
-                    reply,
-                    informational: true,
-                } => {
-                    let _ = to.send(reply);
-                }
-                Effect::Answer { to, .. } => {
-                    let _ = to.send(CoreReply::Response(
-                        crate::control::protocol::Response::failed(failure.to_owned()),
-                    ));
-                }
-            }
+                    informational: false,
+                    ..
+                } => Effect::Answer {
+                    to,
+                    reply: CoreReply::Response(Response::failed(failure.to_owned())),
+                    informational: false,
+                },
+                other => other,
+            };
+            still.carry_out(volume);
         }
         kept
     }
@@ -249,6 +209,44 @@ impl Effects {
     /// Queues `other`'s effects after these.
     pub fn append(&self, other: Effects) {
         self.queued.borrow_mut().extend(other.queued.take());
+    }
+}
+
+impl Effect {
+    fn carry_out(self, volume: Option<&Volume>) {
+        #[cfg(test)]
+        APPLIED.with(|applied| applied.borrow_mut().push(self.describe()));
+        match self {
+            Effect::Frame {
+                link,
+                message,
+                close_after: Some(reason),
+                ..
+            } => link.send_and_close(message, reason),
+            Effect::Frame {
+                link,
+                message,
+                payload,
+                close_after: None,
+            } => {
+                link.send(message, payload);
+            }
+            Effect::Gate(gate) => {
+                if let Some(volume) = volume {
+                    volume.set_gate(gate);
+                }
+            }
+            Effect::Targets { links, zero_fast } => {
+                if let Some(volume) = volume {
+                    volume.set_targets(links, zero_fast);
+                }
+            }
+            Effect::LossHandled(link) => link.mark_loss_handled(),
+            Effect::Answer { to, reply, .. } => {
+                // A caller that went away needs no answer.
+                let _ = to.send(reply);
+            }
+        }
     }
 }
 
