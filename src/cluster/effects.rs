@@ -148,9 +148,9 @@ impl Effects {
     /// closes, the write targets, a connection closed) and answers that
     /// report the state. The rest is dropped: frames (a peer would act on
     /// a state that is not durable), an opening gate; a command is answered
-    /// with `failure`. A vote goes out as a refusal, with the generation
-    /// this node `knows` durably: the asking node need not wait out its
-    /// deadline. Writes that waited on a lost connection go on only once
+    /// with `failure`. An answer to a peer's request goes out as a
+    /// refusal (a vote, with the generation this node `knows` durably): the
+    /// asking node need not wait for an answer that never comes. Writes that waited on a lost connection go on only once
     /// the gate no longer lets them through (they then fail): they are
     /// returned, for the core to queue after it has handled the failure.
     pub fn apply_after_failed_record(
@@ -182,6 +182,16 @@ impl Effects {
                         adopted: false,
                         known: knows,
                     },
+                    payload: Bytes::new(),
+                    close_after: None,
+                },
+                Effect::Frame {
+                    link,
+                    message: Message::SkipSyncDone { token, .. },
+                    ..
+                } => Effect::Frame {
+                    link,
+                    message: Message::SkipSyncDone { token, ok: false },
                     payload: Bytes::new(),
                     close_after: None,
                 },

@@ -331,6 +331,17 @@ impl Core {
         // nothing it could not make durable is acknowledged, and another
         // node can be promoted.
         self.cancel_promotion("the backing disk failed");
+        // A resync into a detached disk cannot go on: the source stops
+        // with the connection, and decides again on the next one.
+        let targets: Vec<u8> = self
+            .peers
+            .values()
+            .filter(|p| matches!(p.sync, PeerSync::Target(_)))
+            .map(|p| p.node.id)
+            .collect();
+        for peer in targets {
+            self.close_link(peer, "this node's disk failed during the resync");
+        }
         if self.role() == Role::Primary && self.demotion.is_none() {
             self.drop_source_resyncs("the backing disk failed");
             self.become_secondary("the backing disk failed");
@@ -1788,7 +1799,7 @@ impl Core {
     }
 
     /// Takes `generation` as UpToDate data with nothing out of sync.
-    fn adopt_skipped_sync(&mut self, generation: Generation) -> Result<(), String> {
+    fn adopt_skipped_sync(&mut self, generation: Generation) {
         if let Some(tracker) = &self.tracker {
             for id in self.peers.keys() {
                 tracker.with_bitmap(*id, |b| b.clear_all());
@@ -1801,33 +1812,32 @@ impl Core {
             (fixed, _) => fixed,
         };
         let size = size - size % crate::config::DATA_BLOCK_BYTES;
-        self.meta
-            .update(|sb| {
-                sb.lineage.advance(generation);
-                sb.known = generation;
-                sb.disk = StoredDisk::UpToDate;
-                sb.flags.needs_full_sync = false;
-                sb.data_size_bytes = size;
-                for slot in sb.peer_slots.iter_mut().filter(|s| s.node_id.is_some()) {
-                    slot.tracking = Some(generation);
-                }
-            })
-            .map_err(|e| e.to_string())?;
+        self.persist("skip-initial-sync", |sb| {
+            sb.lineage.advance(generation);
+            sb.known = generation;
+            sb.disk = StoredDisk::UpToDate;
+            sb.flags.needs_full_sync = false;
+            sb.data_size_bytes = size;
+            for slot in sb.peer_slots.iter_mut().filter(|s| s.node_id.is_some()) {
+                slot.tracking = Some(generation);
+            }
+        });
         self.set_disk(DiskState::UpToDate, "skip-initial-sync");
-        Ok(())
+    }
+
+    /// Whether this node can take a skipped initial sync: it has its disk
+    /// and can record.
+    fn may_adopt_skipped_sync(&self) -> bool {
+        self.disk != DiskState::Diskless && !self.meta.is_detached()
     }
 
     fn on_skip_sync(&mut self, peer: u8, generation: Generation, token: u64) {
         let ok = self.meta.superblock().lineage.current == Generation::INITIAL
-            && self.role() != Role::Primary;
-        let ok = ok
-            && match self.adopt_skipped_sync(generation) {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot apply skip-initial-sync");
-                    false
-                }
-            };
+            && self.role() != Role::Primary
+            && self.may_adopt_skipped_sync();
+        if ok {
+            self.adopt_skipped_sync(generation);
+        }
         tracing::info!(peer = %self.peer_name(peer), ok, "skip-initial-sync from peer");
         if let Some(link) = self.peers.get(&peer).and_then(|p| p.link.clone()) {
             self.effects
@@ -1868,12 +1878,17 @@ impl Core {
         let Some(skip) = self.skip_sync.take() else {
             return;
         };
-        let response = match self.adopt_skipped_sync(skip.generation) {
-            Ok(()) => Response::done(format!(
+        let response = if self.may_adopt_skipped_sync() {
+            self.adopt_skipped_sync(skip.generation);
+            Response::done(format!(
                 "all data nodes UpToDate in generation {} without a sync",
                 skip.generation
-            )),
-            Err(e) => Response::failed(format!("cannot apply skip-initial-sync here: {e}")),
+            ))
+        } else {
+            Response::failed(format!(
+                "cannot apply skip-initial-sync on {}: its disk is detached",
+                self.me.name
+            ))
         };
         self.send_reports();
         self.answer(&Request::SkipInitialSync, skip.caller, response);

@@ -1206,6 +1206,28 @@ async fn a_detached_disk_refuses_a_resync_offered_on_a_stale_view() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_resync_target_whose_disk_fails_takes_no_resync_end() {
+    let mut cluster = in_sync_cluster().await;
+    cluster.cut(ALPHA, BETA);
+    cluster.pump();
+    assert!(done(&cluster.call(ALPHA, primary())));
+    // beta becomes alpha's resync target; its disk fails before the
+    // resync's end arrives.
+    cluster.link(ALPHA, BETA);
+    assert!(cluster.pump_until(|d| d.from == BETA && d.message.name() == "BitmapDone"));
+    cluster.hold(ALPHA, BETA);
+    cluster.quiesce().await;
+    assert!(matches!(
+        cluster.cores[&BETA].peers[&ALPHA].sync,
+        super::peer_state::PeerSync::Target(_)
+    ));
+    cluster.fail_bitmap_write(BETA);
+    cluster.release(ALPHA, BETA);
+    cluster.quiesce().await;
+    assert_eq!(cluster.status(BETA).disk, DiskState::Diskless);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_primary_regaining_quorum_waits_for_a_peers_record_to_settle() {
     let mut cluster = in_sync_cluster().await;
     assert!(done(&cluster.call(ALPHA, primary())));
