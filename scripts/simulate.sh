@@ -71,6 +71,6 @@ total=$((per_job * JOBS * ${#SHAPES[@]}))
 log "$total histories, 0 violations, in ${elapsed}s ($(( total / (elapsed > 0 ? elapsed : 1) )) per second on $JOBS jobs)"
 log "transitions made, all jobs (machine: from -> to: times):"
 # Lines look like "  phase: Serving -> Recording: 26 (why it may be 0)".
-grep -hE '^  (phase|disk): ' "$outputs"/* |
+grep -hE '^  (phase|disk|replication): ' "$outputs"/* |
     awk -F': ' '{ key = $1 ": " $2; split($3, n, " "); sum[key] += n[1]; if (!(key in order)) { order[key] = ++count; keys[count] = key } }
         END { for (i = 1; i <= count; i++) printf "%s: %d\n", keys[i], sum[keys[i]] }' >&2
