@@ -416,7 +416,11 @@ impl Core {
                 self.me.name,
                 unrecorded.join(", ")
             );
-            let kept = self.effects.take().apply_after_failed_record(
+            let failed = self.effects.take();
+            for (command, _) in failed.recorded_calls() {
+                self.record_call(command, &Response::failed(failure.clone()));
+            }
+            let kept = failed.apply_after_failed_record(
                 self.volume.as_deref(),
                 &failure,
                 self.meta.superblock().known.0,
@@ -424,6 +428,9 @@ impl Core {
             self.metadata_failed(&failure);
             self.follow_state_changes();
             self.effects.append(kept);
+        }
+        for (command, response) in self.effects.recorded_calls() {
+            self.record_call(command, &response);
         }
         self.effects.apply(self.volume.as_deref());
     }
@@ -585,6 +592,7 @@ impl Core {
                     "{} is Secondary on {} and auto-promote is off",
                     self.config.resource.name, self.me.name
                 ))),
+                None,
             );
             return;
         }
@@ -592,6 +600,7 @@ impl Core {
             self.effects.answer(
                 reply,
                 CoreReply::Response(Response::done("already Primary")),
+                None,
             );
             return;
         }
@@ -758,16 +767,16 @@ impl Core {
         )))
     }
 
-    /// Answers a command and records it as a `call` event (and a log line
-    /// when not done).
+    /// Answers a command and records it as a `call` event (and a log
+    /// line), once the step's superblock write shows how it went.
     pub(super) fn answer(
         &self,
         request: &Request,
         reply: oneshot::Sender<CoreReply>,
         response: Response,
     ) {
-        self.record_call(request.name(), &response);
-        self.effects.answer(reply, CoreReply::Response(response));
+        self.effects
+            .answer(reply, CoreReply::Response(response), Some(request.name()));
     }
 
     pub(super) fn record_call(&self, command: &str, response: &Response) {

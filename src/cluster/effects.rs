@@ -56,6 +56,9 @@ enum Effect {
     Answer {
         to: oneshot::Sender<CoreReply>,
         reply: CoreReply,
+        /// The command, when the answer is recorded as a `call` event
+        /// (and logged): once it is known whether it goes out as queued.
+        recorded_as: Option<&'static str>,
         /// It reports the state (`status`, `events`) rather than a change
         /// the caller asked for.
         informational: bool,
@@ -106,10 +109,16 @@ impl Effects {
         self.push(Effect::LossHandled(link.clone()));
     }
 
-    pub fn answer(&self, to: oneshot::Sender<CoreReply>, reply: CoreReply) {
+    pub fn answer(
+        &self,
+        to: oneshot::Sender<CoreReply>,
+        reply: CoreReply,
+        recorded_as: Option<&'static str>,
+    ) {
         self.push(Effect::Answer {
             to,
             reply,
+            recorded_as,
             informational: false,
         });
     }
@@ -120,8 +129,26 @@ impl Effects {
         self.push(Effect::Answer {
             to,
             reply,
+            recorded_as: None,
             informational: true,
         });
+    }
+
+    /// The commands answered by the queued effects that are recorded as
+    /// `call` events, with their answers.
+    pub fn recorded_calls(&self) -> Vec<(&'static str, Response)> {
+        self.queued
+            .borrow()
+            .iter()
+            .filter_map(|effect| match effect {
+                Effect::Answer {
+                    reply: CoreReply::Response(response),
+                    recorded_as: Some(command),
+                    ..
+                } => Some((*command, response.clone())),
+                _ => None,
+            })
+            .collect()
     }
 
     fn push(&self, effect: Effect) {
@@ -202,11 +229,13 @@ impl Effects {
                 }
                 Effect::Answer {
                     to,
+                    recorded_as,
                     informational: false,
                     ..
                 } => Effect::Answer {
                     to,
                     reply: CoreReply::Response(Response::failed(failure.to_owned())),
+                    recorded_as,
                     informational: false,
                 },
                 other => other,

@@ -273,6 +273,7 @@ impl Core {
                 CoreReply::Response(Response::failed(format!(
                     "verify aborted: lost {name} ({reason})"
                 ))),
+                Some("verify"),
             );
         }
         self.generation_answer(peer, false);

@@ -869,6 +869,40 @@ async fn a_promotion_that_cannot_be_written_detaches_the_disk_and_is_refused() {
     assert!(done(&answer), "{answer:?}");
 }
 
+/// A command whose result could not be recorded is answered, logged and
+/// shown in `events` as failed, never as done.
+#[tokio::test(start_paused = true)]
+async fn a_demotion_that_cannot_be_recorded_is_answered_and_shown_as_failed() {
+    let mut cluster = in_sync_cluster().await;
+    assert!(done(&cluster.call(ALPHA, primary())));
+    let mut watching = cluster.call_pending(ALPHA, Request::Events { now: false });
+    cluster.pump();
+    let Ok(CoreReply::Events { mut stream, .. }) = watching.try_recv() else {
+        panic!("no event stream");
+    };
+    cluster.quiesce().await;
+    cluster.fail_metadata(ALPHA);
+    let demoted = cluster.call_pending(ALPHA, Request::Secondary { force: false });
+    cluster.next_background(ALPHA).await;
+    let answer =
+        answered(demoted).unwrap_or_else(|| panic!("no answer: {:?}", cluster.status(ALPHA)));
+    assert_eq!(answer.exit, ExitCode::Failed, "{answer:?}");
+    assert!(
+        answer
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("could not record the clean demotion")),
+        "{answer:?}"
+    );
+    let mut results = Vec::new();
+    while let Ok(event) = stream.try_recv() {
+        if event.fields.get("command").and_then(|c| c.as_str()) == Some("secondary") {
+            results.push(event.fields["result"].clone());
+        }
+    }
+    assert_eq!(results, vec![serde_json::json!("failed")]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_promotion_whose_record_fails_leaves_no_crashed_primary_behind() {
     let mut cluster = in_sync_cluster().await;
