@@ -832,12 +832,7 @@ impl Core {
             return;
         }
         let Some(report) = &state.report else { return };
-        if matches!(report.disk, DiskState::Diskless | DiskState::Failed)
-            || report.recording_generation
-        {
-            return;
-        }
-        if self.peer_leaves_abandoned(report) {
+        if !settled_lineage(report) || self.peer_leaves_abandoned(report) {
             return;
         }
         let theirs = side_from_report(peer, report, self.me.id);
