@@ -1448,6 +1448,36 @@ async fn a_restarted_disk_that_fails_before_it_is_judged_goes_diskless() {
     assert!(!done(&answer), "{answer:?}");
 }
 
+/// A Primary loses a peer and cannot record rule A's generation: the
+/// writes that waited on the lost peer are released only once the gate is
+/// closed for good (they fail), never through a gate that could reopen.
+#[tokio::test(start_paused = true)]
+async fn writes_waiting_on_a_lost_peer_fail_when_rule_a_cannot_be_recorded() {
+    let mut cluster = in_sync_cluster().await;
+    assert!(done(&cluster.call(ALPHA, primary())));
+    cluster.quiesce().await;
+    cluster.fail_metadata(ALPHA);
+    super::effects::take_applied();
+    cluster.cut(ALPHA, BETA);
+    cluster.pump();
+    let applied = super::effects::take_applied();
+    let closed = applied.iter().position(|e| e == "gate closed (NotPrimary)");
+    let released = applied
+        .iter()
+        .position(|e| *e == format!("loss of {BETA} handled"));
+    assert!(
+        matches!((closed, released), (Some(c), Some(r)) if c < r),
+        "{applied:?}"
+    );
+    assert!(!applied.iter().any(|e| e == "gate open"), "{applied:?}");
+    assert!(
+        !applied.iter().any(|e| e.starts_with("frame NewGeneration")),
+        "a generation it could not record was sent: {applied:?}"
+    );
+    assert_eq!(cluster.status(ALPHA).role, Role::Secondary);
+    assert!(matches!(cluster.gate(ALPHA), Gate::Closed { .. }));
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_bitmap_page_that_cannot_be_written_detaches_the_disk() {
     let mut cluster = in_sync_cluster().await;
