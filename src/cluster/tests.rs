@@ -515,6 +515,11 @@ impl Cluster {
         self.cores.get_mut(&id).unwrap().meta.set_failing(true);
     }
 
+    /// Node `id`'s superblock writes work again.
+    pub fn fail_metadata_no_more(&mut self, id: u8) {
+        self.cores.get_mut(&id).unwrap().meta.set_failing(false);
+    }
+
     /// A write of node `id`'s bitmap pages fails.
     pub fn fail_bitmap_write(&mut self, id: u8) {
         let failed = crate::meta::MetaError::Io {
@@ -1200,6 +1205,19 @@ async fn a_voter_that_cannot_record_a_generation_does_not_accept_it() {
         "{answer:?}"
     );
     assert!(!matches!(cluster.gate(ALPHA), Gate::Open { .. }));
+    // Its metadata works again, but a voter that lost a write does not
+    // know what it promised: it votes again only after a restart.
+    cluster.fail_metadata_no_more(WITNESS);
+    let force = Request::Primary {
+        force: true,
+        override_quorum: false,
+    };
+    let answer = cluster.call_and_wait(ALPHA, force.clone()).await;
+    assert!(refusal(&answer).contains("on a majority"), "{answer:?}");
+    cluster.crash_and_restart(WITNESS);
+    cluster.connect(ALPHA, WITNESS);
+    let answer = cluster.call_and_wait(ALPHA, force).await;
+    assert!(done(&answer), "{answer:?}");
 }
 
 #[tokio::test(start_paused = true)]
