@@ -65,6 +65,9 @@ impl Core {
                     link,
                     outbox,
                 } => {
+                    // Frames are small and acknowledged one by one: no
+                    // waiting to fill a segment.
+                    let _ = stream.set_nodelay(true);
                     tokio::spawn(session::run(
                         stream,
                         leftover,

@@ -1511,6 +1511,56 @@ async fn a_bitmap_page_that_cannot_be_written_detaches_the_disk() {
     );
 }
 
+/// A first piece of real sessions in these tests: two sessions over an
+/// in-memory stream carry a replicated write to the peer's disk, and its
+/// acknowledgement back; closing one end ends both.
+#[tokio::test(start_paused = true)]
+async fn a_write_over_sessions_on_an_in_memory_stream_lands_and_is_acknowledged() {
+    let cluster = Cluster::new(TWO_DATA_AND_WITNESS, "");
+    let (alpha_end, beta_end) = tokio::io::duplex(1 << 20);
+    let (to_beta, alpha_outbox) = PeerLink::new(BETA, "beta".into());
+    let (to_alpha, beta_outbox) = PeerLink::new(ALPHA, "alpha".into());
+    let (to_beta, to_alpha) = (Arc::new(to_beta), Arc::new(to_alpha));
+    let (events_tx, mut events) = mpsc::channel(16);
+    for (end, link, outbox, id) in [
+        (alpha_end, to_beta.clone(), alpha_outbox, ALPHA),
+        (beta_end, to_alpha.clone(), beta_outbox, BETA),
+    ] {
+        tokio::spawn(crate::replication::session::run(
+            end,
+            bytes::BytesMut::new(),
+            link,
+            outbox,
+            cluster.cores[&id].session_config.clone(),
+            events_tx.clone(),
+        ));
+    }
+    let data = bytes::Bytes::from(vec![0x5a_u8; 4096]);
+    let write = Message::Write {
+        seq: 1,
+        epoch: 0,
+        offset: 8192,
+        fua: false,
+        sent_to: 0b11,
+        complete_below: 1,
+    };
+    let ack = to_beta.replicate(1, write, data.clone()).expect("queued");
+    assert_eq!(ack.await, Ok(true));
+    let landed = cluster.volumes[&BETA]
+        .storage()
+        .read(8192, 4096)
+        .await
+        .unwrap();
+    assert_eq!(&landed[..], &data[..]);
+    to_beta.close("the test is over");
+    let mut ended = BTreeSet::new();
+    while ended.len() < 2 {
+        if let Some(PeerEvent::Closed { peer, .. }) = events.recv().await {
+            ended.insert(peer);
+        }
+    }
+}
+
 /// One step of an engine history. Chosen at random against the cluster's
 /// state, then taken the same way whether it was just chosen or is
 /// replayed from a list (a step that no longer applies, such as a cut of

@@ -23,12 +23,13 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::stream::{FuturesUnordered, StreamExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::io::{poll_read_buf, poll_write_buf};
 use tokio_util::sync::CancellationToken;
 
@@ -530,17 +531,22 @@ fn config_ping_interval(config: &SessionConfig) -> Duration {
     (config.ping_timeout / HEARTBEATS_PER_TIMEOUT).max(Duration::from_millis(10))
 }
 
+/// What a session runs over: a TCP connection in the daemon; the engine
+/// tests can run one over an in-memory stream.
+pub trait PeerStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> PeerStream for S {}
+
 /// Runs a session until the peer goes away, the link is closed, or the
 /// peer falls silent.
-pub async fn run(
-    stream: TcpStream,
+pub async fn run<S: PeerStream>(
+    stream: S,
     leftover: BytesMut,
     link: Arc<PeerLink>,
     outbox: mpsc::UnboundedReceiver<Outgoing>,
     config: SessionConfig,
     events: mpsc::Sender<PeerEvent>,
 ) {
-    let _ = stream.set_nodelay(true);
     let peer = link.peer;
     let ping_interval = config_ping_interval(&config);
     let mut session = Session {
@@ -598,8 +604,8 @@ type FlushFuture = Pin<Box<dyn Future<Output = io::Result<()>> + Send>>;
 /// clear toward the peer.
 type DurableReply = ((Message, Bytes), Vec<Range<u64>>);
 
-struct Session {
-    stream: TcpStream,
+struct Session<S> {
+    stream: S,
     rbuf: BytesMut,
     exact_reads: bool,
     out: OutQueue,
@@ -632,7 +638,7 @@ struct Session {
     sync_job_ids: std::collections::HashSet<u64>,
 }
 
-impl Session {
+impl<S: PeerStream> Session<S> {
     fn poll<F, M>(
         &mut self,
         cx: &mut Context<'_>,
