@@ -579,6 +579,13 @@ impl Core {
         self.internal_rx.try_recv().ok()
     }
 
+    /// The next event of this core's sessions, if one is ready: engine
+    /// tests that run real sessions hand them in themselves.
+    #[cfg(test)]
+    pub(super) fn next_peer_event(&mut self) -> Option<PeerEvent> {
+        self.peer_events.try_recv().ok()
+    }
+
     /// The sender the NBD export policy uses to ask for auto-promotion.
     pub fn internal_sender(&self) -> mpsc::Sender<Internal> {
         self.internal_tx.clone()

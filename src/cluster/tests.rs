@@ -30,6 +30,8 @@ use crate::vocabulary::state::{DiskState, ReplicationState, Role};
 use crate::volume::{Gate, Refusal, Volume, VolumeParts};
 
 const DISK_BYTES: u64 = 8 << 20;
+/// What an in-memory connection between two sessions buffers each way.
+const SESSION_STREAM_BYTES: usize = 1 << 20;
 
 /// One end of an in-process connection.
 struct Wire {
@@ -73,6 +75,9 @@ pub(super) struct Cluster {
     /// waits, and so does news of their lost connections.
     frozen: BTreeSet<u8>,
     pub log: Vec<Delivered>,
+    /// `(from, to)`: `from`'s link to `to` when they run real sessions
+    /// (`connect_sessions`).
+    session_links: BTreeMap<(u8, u8), Arc<PeerLink>>,
 }
 
 impl Cluster {
@@ -119,6 +124,7 @@ impl Cluster {
             held: BTreeSet::new(),
             frozen: BTreeSet::new(),
             log: Vec::new(),
+            session_links: BTreeMap::new(),
         };
         for id in 0..nodes.len() {
             cluster.start(id as u8);
@@ -532,6 +538,104 @@ impl Cluster {
             Action::Internal(super::core::Internal::BitmapsFlushed(Err(failed))),
         );
         self.pump();
+    }
+
+    /// Connects `a` and `b` over real sessions on an in-memory stream, in
+    /// place of `pump`: frames are encoded and decoded, heartbeats run on
+    /// tokio's clock, replicated writes reach the peer's disk and their
+    /// acknowledgements come back. The cores hear their sessions in
+    /// `settle_sessions`.
+    pub fn connect_sessions(&mut self, a: u8, b: u8) {
+        let (a_end, b_end) = tokio::io::duplex(SESSION_STREAM_BYTES);
+        for ((from, to), end) in [((a, b), a_end), ((b, a), b_end)] {
+            let name = self.config.nodes[usize::from(to)].name.clone();
+            let (link, outbox) = PeerLink::new(to, name);
+            let link = Arc::new(link);
+            let core = self.cores.get_mut(&from).unwrap();
+            core.now = Now::read();
+            assert!(core.link_up(link.clone()), "{from} refused {to}");
+            core.settle();
+            tokio::spawn(crate::replication::session::run(
+                end,
+                bytes::BytesMut::new(),
+                link.clone(),
+                outbox,
+                core.session_config.clone(),
+                core.peer_events_tx.clone(),
+            ));
+            self.session_links.insert((from, to), link);
+        }
+    }
+
+    /// Lets the sessions and background jobs run, handing every core what
+    /// they report, until a round brings nothing.
+    pub async fn settle_sessions(&mut self) {
+        loop {
+            for _ in 0..64 {
+                tokio::task::yield_now().await;
+            }
+            let mut moved = false;
+            for id in self.awake() {
+                loop {
+                    let core = self.cores.get_mut(&id).unwrap();
+                    let input = match core.next_peer_event() {
+                        Some(event) => Action::Peer(event),
+                        None => match core.next_internal() {
+                            Some(internal) => Action::Internal(internal),
+                            None => break,
+                        },
+                    };
+                    self.step(id, input);
+                    moved = true;
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    /// Sends a command over a cluster of sessions and waits for its answer.
+    pub async fn call_over_sessions(&mut self, id: u8, request: Request) -> Option<Response> {
+        let pending = self.call_pending(id, request);
+        self.wait_over_sessions(pending).await
+    }
+
+    /// Lets time pass, a tick at a time, with every core's timers and
+    /// sessions running, until `pending` is answered (or twice the ping
+    /// timeout and more went by).
+    pub async fn wait_over_sessions(
+        &mut self,
+        mut pending: oneshot::Receiver<CoreReply>,
+    ) -> Option<Response> {
+        let give_up = self.ping_timeout() * 4;
+        let mut waited = std::time::Duration::ZERO;
+        loop {
+            self.settle_sessions().await;
+            match pending.try_recv() {
+                Ok(CoreReply::Response(response)) => return Some(response),
+                Ok(_) => panic!("unexpected reply kind"),
+                Err(_) if waited >= give_up => return None,
+                Err(_) => {}
+            }
+            tokio::time::advance(super::core::TICK).await;
+            waited += super::core::TICK;
+            for id in self.awake() {
+                self.step(id, Action::Tick);
+            }
+        }
+    }
+
+    /// Node `id` is gone (its process killed): its sessions end, and its
+    /// peers see their connections to it close.
+    pub fn lose(&mut self, id: u8) {
+        self.cores.remove(&id);
+        self.volumes.remove(&id);
+        for ((from, to), link) in &self.session_links {
+            if *from == id || *to == id {
+                link.close("the node is gone");
+            }
+        }
     }
 
     /// Whether `a` and `b` have a live connection.
@@ -1511,13 +1615,12 @@ async fn a_bitmap_page_that_cannot_be_written_detaches_the_disk() {
     );
 }
 
-/// A first piece of real sessions in these tests: two sessions over an
-/// in-memory stream carry a replicated write to the peer's disk, and its
-/// acknowledgement back; closing one end ends both.
+/// Two sessions over an in-memory stream carry a replicated write to the
+/// peer's disk, and its acknowledgement back; closing one end ends both.
 #[tokio::test(start_paused = true)]
 async fn a_write_over_sessions_on_an_in_memory_stream_lands_and_is_acknowledged() {
     let cluster = Cluster::new(TWO_DATA_AND_WITNESS, "");
-    let (alpha_end, beta_end) = tokio::io::duplex(1 << 20);
+    let (alpha_end, beta_end) = tokio::io::duplex(SESSION_STREAM_BYTES);
     let (to_beta, alpha_outbox) = PeerLink::new(BETA, "beta".into());
     let (to_alpha, beta_outbox) = PeerLink::new(ALPHA, "alpha".into());
     let (to_beta, to_alpha) = (Arc::new(to_beta), Arc::new(to_alpha));
@@ -1559,6 +1662,50 @@ async fn a_write_over_sessions_on_an_in_memory_stream_lands_and_is_acknowledged(
             ended.insert(peer);
         }
     }
+}
+
+/// The whole path a user relies on, with real sessions in place of
+/// `pump`: a write the Primary acknowledged is on the node promoted after
+/// the Primary is lost.
+#[tokio::test(start_paused = true)]
+async fn an_acknowledged_write_is_on_the_node_promoted_after_the_primary_is_lost() {
+    if std::env::var_os("ENGINE_SIM_LOG").is_some() {
+        let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    }
+    let mut cluster = Cluster::new(TWO_DATA_AND_WITNESS, "");
+    for (a, b) in pairs_of(TWO_DATA_AND_WITNESS) {
+        cluster.connect_sessions(a, b);
+    }
+    cluster.settle_sessions().await;
+    let answer = cluster
+        .call_over_sessions(ALPHA, Request::SkipInitialSync)
+        .await;
+    assert!(done(&answer), "{answer:?}");
+    let answer = cluster.call_over_sessions(ALPHA, primary()).await;
+    assert!(done(&answer), "{answer:?}");
+
+    let data = bytes::Bytes::from(vec![0xa7_u8; 8192]);
+    let volume = cluster.volumes[&ALPHA].clone();
+    let write = tokio::spawn(async move { volume.write(1 << 20, data, false).await });
+    while !write.is_finished() {
+        cluster.settle_sessions().await;
+    }
+    write.await.unwrap().expect("the write is acknowledged");
+
+    cluster.lose(ALPHA);
+    cluster.settle_sessions().await;
+    let promoted = cluster.call_pending(BETA, primary());
+    let answer = cluster.wait_over_sessions(promoted).await;
+    assert!(done(&answer), "{answer:?}");
+    let on_beta = cluster.volumes[&BETA]
+        .storage()
+        .read(1 << 20, 8192)
+        .await
+        .unwrap();
+    assert!(
+        on_beta.iter().all(|&b| b == 0xa7),
+        "the acknowledged write is missing"
+    );
 }
 
 /// One step of an engine history. Chosen at random against the cluster's

@@ -112,6 +112,12 @@ impl PeerLink {
         self.closed.cancelled()
     }
 
+    /// Resolves when the link closes; owns what it waits on, so a session
+    /// can keep it beside the link.
+    pub fn closed_owned(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.closed.clone().cancelled_owned()
+    }
+
     /// Closes the link; every owed acknowledgement resolves as failed.
     pub fn close(&self, reason: impl Into<String>) {
         let mut slot = lock(&self.close_reason);

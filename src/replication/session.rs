@@ -551,6 +551,7 @@ pub async fn run<S: PeerStream>(
     let ping_interval = config_ping_interval(&config);
     let mut session = Session {
         stream,
+        link_closed: Box::pin(link.closed_owned()),
         rbuf: leftover,
         exact_reads: false,
         out: OutQueue::default(),
@@ -606,6 +607,8 @@ type DurableReply = ((Message, Bytes), Vec<Range<u64>>);
 
 struct Session<S> {
     stream: S,
+    /// Resolves when the node closes the link.
+    link_closed: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
     rbuf: BytesMut,
     exact_reads: bool,
     out: OutQueue,
@@ -651,7 +654,9 @@ impl<S: PeerStream> Session<S> {
     {
         loop {
             let mut progressed = false;
-            if self.link.is_closed() {
+            // Polled, not only checked, so a close wakes the session at
+            // once rather than at its next heartbeat.
+            if self.link_closed.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(SessionEnd::Closed(
                     self.link.close_reason().unwrap_or_else(|| "closed".into()),
                 ));
