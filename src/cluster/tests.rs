@@ -5,8 +5,15 @@
 //! with its queued frames. No sockets, no session tasks, no resync data:
 //! what is tested is what the cores decide and say to each other.
 //!
-//! Timers run on tokio's paused clock (`advance`); the lease clock is not
-//! simulated, so no test here depends on a lease expiring.
+//! A test can instead connect nodes over real sessions on in-memory
+//! streams (`connect_sessions`, `settle_sessions`): frames are encoded,
+//! heartbeats run, replicated writes and their acknowledgements move, so
+//! a test can check that a write a Primary acknowledged survives. This is
+//! the start of running the random histories with data; holding and
+//! cutting one direction of such a connection is not built yet.
+//!
+//! Timers run on tokio's paused clock (`advance`), and the lease clock
+//! follows it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::AtomicBool;
