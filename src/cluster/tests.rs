@@ -22,8 +22,8 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::core::{Action, Core, CoreParts, Now};
-use crate::config::{Config, IoEngineKind};
-use crate::control::protocol::{ExitCode, Request, Response, Status};
+use crate::config::Config;
+use crate::control::protocol::{ExitCode, GenerationText, Request, Response, Status};
 use crate::control::server::{ControlCall, CoreReply};
 use crate::meta::tracker::Tracker;
 use crate::meta::MetaStore;
@@ -150,13 +150,7 @@ impl Cluster {
             Some(disk) => {
                 let superblock = meta.superblock().clone();
                 let storage = Arc::new(
-                    Storage::open(
-                        disk,
-                        IoEngineKind::Threads,
-                        false,
-                        superblock.layout.data_capacity_bytes,
-                    )
-                    .unwrap(),
+                    Storage::open_in_place(disk, superblock.layout.data_capacity_bytes).unwrap(),
                 );
                 let tracker = Tracker::open(meta.path().to_owned(), &superblock).unwrap();
                 let volume = Arc::new(Volume::new(
@@ -581,25 +575,31 @@ impl Cluster {
             for _ in 0..64 {
                 tokio::task::yield_now().await;
             }
-            let mut moved = false;
-            for id in self.awake() {
-                loop {
-                    let core = self.cores.get_mut(&id).unwrap();
-                    let input = match core.next_peer_event() {
-                        Some(event) => Action::Peer(event),
-                        None => match core.next_internal() {
-                            Some(internal) => Action::Internal(internal),
-                            None => break,
-                        },
-                    };
-                    self.step(id, input);
-                    moved = true;
-                }
-            }
-            if !moved {
+            if !self.hand_in_one_round() {
                 return;
             }
         }
+    }
+
+    /// Hands every core what its sessions and background jobs reported so
+    /// far; `false` if nothing was.
+    pub fn hand_in_one_round(&mut self) -> bool {
+        let mut moved = false;
+        for id in self.awake() {
+            loop {
+                let core = self.cores.get_mut(&id).unwrap();
+                let input = match core.next_peer_event() {
+                    Some(event) => Action::Peer(event),
+                    None => match core.next_internal() {
+                        Some(internal) => Action::Internal(internal),
+                        None => break,
+                    },
+                };
+                self.step(id, input);
+                moved = true;
+            }
+        }
+        moved
     }
 
     /// Sends a command over a cluster of sessions and waits for its answer.
@@ -1622,6 +1622,26 @@ async fn a_bitmap_page_that_cannot_be_written_detaches_the_disk() {
     );
 }
 
+/// Two data nodes and a witness connected over real sessions, in sync,
+/// alpha Primary.
+async fn primary_over_sessions() -> Cluster {
+    if std::env::var_os("ENGINE_SIM_LOG").is_some() {
+        let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    }
+    let mut cluster = Cluster::new(TWO_DATA_AND_WITNESS, "");
+    for (a, b) in pairs_of(TWO_DATA_AND_WITNESS) {
+        cluster.connect_sessions(a, b);
+    }
+    cluster.settle_sessions().await;
+    let answer = cluster
+        .call_over_sessions(ALPHA, Request::SkipInitialSync)
+        .await;
+    assert!(done(&answer), "{answer:?}");
+    let answer = cluster.call_over_sessions(ALPHA, primary()).await;
+    assert!(done(&answer), "{answer:?}");
+    cluster
+}
+
 /// Two sessions over an in-memory stream carry a replicated write to the
 /// peer's disk, and its acknowledgement back; closing one end ends both.
 #[tokio::test(start_paused = true)]
@@ -1676,20 +1696,7 @@ async fn a_write_over_sessions_on_an_in_memory_stream_lands_and_is_acknowledged(
 /// the Primary is lost.
 #[tokio::test(start_paused = true)]
 async fn an_acknowledged_write_is_on_the_node_promoted_after_the_primary_is_lost() {
-    if std::env::var_os("ENGINE_SIM_LOG").is_some() {
-        let _ = tracing_subscriber::fmt().with_test_writer().try_init();
-    }
-    let mut cluster = Cluster::new(TWO_DATA_AND_WITNESS, "");
-    for (a, b) in pairs_of(TWO_DATA_AND_WITNESS) {
-        cluster.connect_sessions(a, b);
-    }
-    cluster.settle_sessions().await;
-    let answer = cluster
-        .call_over_sessions(ALPHA, Request::SkipInitialSync)
-        .await;
-    assert!(done(&answer), "{answer:?}");
-    let answer = cluster.call_over_sessions(ALPHA, primary()).await;
-    assert!(done(&answer), "{answer:?}");
+    let mut cluster = primary_over_sessions().await;
 
     let data = bytes::Bytes::from(vec![0xa7_u8; 8192]);
     let volume = cluster.volumes[&ALPHA].clone();
@@ -1712,6 +1719,49 @@ async fn an_acknowledged_write_is_on_the_node_promoted_after_the_primary_is_lost
     assert!(
         on_beta.iter().all(|&b| b == 0xa7),
         "the acknowledged write is missing"
+    );
+}
+
+/// A FLUSH that a lost peer could not confirm is acknowledged only once
+/// rule A's new generation is recorded: the peer, which may lack the
+/// flushed writes, can no longer pass for current.
+#[tokio::test(start_paused = true)]
+async fn a_flush_a_lost_peer_could_not_confirm_waits_for_rule_a() {
+    let mut cluster = primary_over_sessions().await;
+    let before = cluster.status(ALPHA).generation;
+
+    let volume = cluster.volumes[&ALPHA].clone();
+    let flush = tokio::spawn(async move { volume.flush().await });
+    // beta is lost with the flush's barrier in flight. The state is
+    // checked the moment the flush is acknowledged: each round lets the
+    // tasks run once, then hands the cores one round of what they heard.
+    cluster.lose(BETA);
+    let give_up = cluster.ping_timeout() * 4;
+    let mut waited = std::time::Duration::ZERO;
+    loop {
+        tokio::task::yield_now().await;
+        if flush.is_finished() {
+            break;
+        }
+        if !cluster.hand_in_one_round() {
+            assert!(waited < give_up, "the flush never ended");
+            tokio::time::advance(super::core::TICK).await;
+            waited += super::core::TICK;
+            for id in cluster.awake() {
+                cluster.step(id, Action::Tick);
+            }
+        }
+    }
+    flush.await.unwrap().expect("the flush is acknowledged");
+    let alpha = cluster.status(ALPHA);
+    assert_ne!(
+        alpha.generation, before,
+        "no new generation after losing beta"
+    );
+    assert_eq!(
+        GenerationText::from(cluster.cores[&WITNESS].meta.superblock().known),
+        alpha.generation,
+        "the flush was acknowledged before the witness recorded rule A's generation"
     );
 }
 

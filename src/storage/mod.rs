@@ -183,6 +183,20 @@ pub fn run_blocking(file: &File, op: IoOp) -> io::Result<IoDone> {
     }
 }
 
+/// Runs each operation at submission (see `Storage::open_in_place`).
+#[cfg(test)]
+#[derive(Debug)]
+struct InPlaceEngine {
+    file: Arc<File>,
+}
+
+#[cfg(test)]
+impl Engine for InPlaceEngine {
+    fn submit(&self, op: IoOp) -> IoCompletion {
+        IoCompletion::ready(run_blocking(&self.file, op))
+    }
+}
+
 /// The backing disk behind one engine.
 #[derive(Debug)]
 pub struct Storage {
@@ -239,6 +253,30 @@ impl Storage {
             direct,
             regular_file,
             can_zero_fast,
+            data_bytes,
+        })
+    }
+
+    /// Opens `path` with every operation done in place, at submission:
+    /// the engine tests' disks, so that what completes when depends only on
+    /// the order of the steps.
+    #[cfg(test)]
+    pub fn open_in_place(path: &Path, data_bytes: u64) -> Result<Storage, StorageError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|source| StorageError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        let file = Arc::new(file);
+        Ok(Storage {
+            engine: Box::new(InPlaceEngine { file: file.clone() }),
+            file,
+            direct: false,
+            regular_file: true,
+            can_zero_fast: false,
             data_bytes,
         })
     }
