@@ -85,6 +85,8 @@ pub(super) struct Cluster {
     /// `(from, to)`: `from`'s link to `to` when they run real sessions
     /// (`connect_sessions`).
     session_links: BTreeMap<(u8, u8), Arc<PeerLink>>,
+    /// `(from, to)`: holds what `from`'s session sends `to` while `true`.
+    session_holds: BTreeMap<(u8, u8), watch::Sender<bool>>,
 }
 
 impl Cluster {
@@ -132,6 +134,7 @@ impl Cluster {
             frozen: BTreeSet::new(),
             log: Vec::new(),
             session_links: BTreeMap::new(),
+            session_holds: BTreeMap::new(),
         };
         for id in 0..nodes.len() {
             cluster.start(id as u8);
@@ -152,7 +155,7 @@ impl Cluster {
                 let storage = Arc::new(
                     Storage::open_in_place(disk, superblock.layout.data_capacity_bytes).unwrap(),
                 );
-                let tracker = Tracker::open(meta.path().to_owned(), &superblock).unwrap();
+                let tracker = Tracker::open_in_place(meta.path().to_owned(), &superblock).unwrap();
                 let volume = Arc::new(Volume::new(
                     VolumeParts {
                         resource: config.resource.name.clone(),
@@ -547,7 +550,17 @@ impl Cluster {
     /// acknowledgements come back. The cores hear their sessions in
     /// `settle_sessions`.
     pub fn connect_sessions(&mut self, a: u8, b: u8) {
-        let (a_end, b_end) = tokio::io::duplex(SESSION_STREAM_BYTES);
+        let (a_end, a_wire) = tokio::io::duplex(SESSION_STREAM_BYTES);
+        let (b_end, b_wire) = tokio::io::duplex(SESSION_STREAM_BYTES);
+        let (a_wire_in, a_wire_out) = tokio::io::split(a_wire);
+        let (b_wire_in, b_wire_out) = tokio::io::split(b_wire);
+        for (from, to, wire_in, wire_out) in
+            [(a, b, a_wire_in, b_wire_out), (b, a, b_wire_in, a_wire_out)]
+        {
+            let (held, hold) = watch::channel(false);
+            tokio::spawn(forward(wire_in, wire_out, hold));
+            self.session_holds.insert((from, to), held);
+        }
         for ((from, to), end) in [((a, b), a_end), ((b, a), b_end)] {
             let name = self.config.nodes[usize::from(to)].name.clone();
             let (link, outbox) = PeerLink::new(to, name);
@@ -566,6 +579,16 @@ impl Cluster {
             ));
             self.session_links.insert((from, to), link);
         }
+    }
+
+    /// What node `from`'s session sends `to` waits (bytes stay queued, as
+    /// on a stalled TCP connection) until `release_session`.
+    pub fn hold_session(&mut self, from: u8, to: u8) {
+        let _ = self.session_holds[&(from, to)].send(true);
+    }
+
+    pub fn release_session(&mut self, from: u8, to: u8) {
+        let _ = self.session_holds[&(from, to)].send(false);
     }
 
     /// Lets the sessions and background jobs run, handing every core what
@@ -629,6 +652,36 @@ impl Cluster {
             waited += super::core::TICK;
             for id in self.awake() {
                 self.step(id, Action::Tick);
+            }
+        }
+    }
+
+    /// Runs the cluster of sessions until `done` holds, checked after every
+    /// single turn of the tasks: each round lets them run once, then hands
+    /// the cores what they heard, and lets a tick of time pass when there
+    /// was nothing.
+    pub async fn run_until(&mut self, done: impl Fn() -> bool) {
+        let give_up = self.ping_timeout() * 4;
+        let mut waited = std::time::Duration::ZERO;
+        loop {
+            tokio::task::yield_now().await;
+            if done() {
+                return;
+            }
+            if !self.hand_in_one_round() {
+                assert!(
+                    waited < give_up,
+                    "nothing more happens: {:?}",
+                    self.volumes
+                        .iter()
+                        .map(|(id, v)| (*id, v.gate(), self.cores[id].lease.remaining()))
+                        .collect::<Vec<_>>()
+                );
+                tokio::time::advance(super::core::TICK).await;
+                waited += super::core::TICK;
+                for id in self.awake() {
+                    self.step(id, Action::Tick);
+                }
             }
         }
     }
@@ -1622,6 +1675,32 @@ async fn a_bitmap_page_that_cannot_be_written_detaches_the_disk() {
     );
 }
 
+/// Carries the bytes one session sends to the other, except while `hold`
+/// says so; ends when either side closes.
+async fn forward(
+    mut from: tokio::io::ReadHalf<tokio::io::DuplexStream>,
+    mut to: tokio::io::WriteHalf<tokio::io::DuplexStream>,
+    mut hold: watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut chunk = vec![0u8; 64 << 10];
+    loop {
+        let read = match from.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(read) => read,
+        };
+        while *hold.borrow_and_update() {
+            if hold.changed().await.is_err() {
+                return;
+            }
+        }
+        if to.write_all(&chunk[..read]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
 /// Two data nodes and a witness connected over real sessions, in sync,
 /// alpha Primary.
 async fn primary_over_sessions() -> Cluster {
@@ -1736,22 +1815,7 @@ async fn a_flush_a_lost_peer_could_not_confirm_waits_for_rule_a() {
     // checked the moment the flush is acknowledged: each round lets the
     // tasks run once, then hands the cores one round of what they heard.
     cluster.lose(BETA);
-    let give_up = cluster.ping_timeout() * 4;
-    let mut waited = std::time::Duration::ZERO;
-    loop {
-        tokio::task::yield_now().await;
-        if flush.is_finished() {
-            break;
-        }
-        if !cluster.hand_in_one_round() {
-            assert!(waited < give_up, "the flush never ended");
-            tokio::time::advance(super::core::TICK).await;
-            waited += super::core::TICK;
-            for id in cluster.awake() {
-                cluster.step(id, Action::Tick);
-            }
-        }
-    }
+    cluster.run_until(|| flush.is_finished()).await;
     flush.await.unwrap().expect("the flush is acknowledged");
     let alpha = cluster.status(ALPHA);
     assert_ne!(
@@ -1762,6 +1826,37 @@ async fn a_flush_a_lost_peer_could_not_confirm_waits_for_rule_a() {
         GenerationText::from(cluster.cores[&WITNESS].meta.superblock().known),
         alpha.generation,
         "the flush was acknowledged before the witness recorded rule A's generation"
+    );
+}
+
+/// A peer whose acknowledgements stop coming (held on the way back) holds
+/// up a write only until the Primary drops it as silent: the write is
+/// acknowledged in rule A's new generation, and the dropped peer, which
+/// may lack it, cannot be promoted after the Primary is lost.
+#[tokio::test(start_paused = true)]
+async fn a_peer_whose_acknowledgements_stop_is_dropped_and_cannot_be_promoted() {
+    let mut cluster = primary_over_sessions().await;
+    let before = cluster.status(ALPHA).generation;
+    cluster.hold_session(BETA, ALPHA);
+    let volume = cluster.volumes[&ALPHA].clone();
+    let data = bytes::Bytes::from(vec![0x3c_u8; 4096]);
+    let write = tokio::spawn(async move { volume.write(0, data, false).await });
+    cluster.run_until(|| write.is_finished()).await;
+    write.await.unwrap().expect("the write is acknowledged");
+    let alpha = cluster.status(ALPHA);
+    assert_ne!(alpha.generation, before, "beta was not dropped (rule A)");
+    assert_eq!(
+        GenerationText::from(cluster.cores[&WITNESS].meta.superblock().known),
+        alpha.generation
+    );
+
+    cluster.lose(ALPHA);
+    cluster.release_session(BETA, ALPHA);
+    let promoted = cluster.call_pending(BETA, primary());
+    let answer = cluster.wait_over_sessions(promoted).await;
+    assert!(
+        !done(&answer),
+        "beta was promoted without the write: {answer:?}"
     );
 }
 

@@ -49,6 +49,10 @@ pub struct Tracker {
     al_writer: tokio::sync::Mutex<()>,
     /// Signalled when an extent is unpinned (room may have appeared).
     al_room: Notify,
+    /// The engine tests write in place rather than on a blocking thread,
+    /// so that what completes when depends only on the order of steps.
+    #[cfg(test)]
+    in_place: bool,
 }
 
 /// Extents pinned in the activity log while a write is in flight.
@@ -76,6 +80,23 @@ fn io_error(what: &'static str, path: &std::path::Path, source: std::io::Error) 
 impl Tracker {
     /// Loads bitmaps and the activity log, applying crash recovery.
     pub fn open(path: PathBuf, superblock: &Superblock) -> Result<Arc<Tracker>, MetaError> {
+        Self::open_with(path, superblock, false)
+    }
+
+    /// `open`, for the engine tests: every write done in place.
+    #[cfg(test)]
+    pub fn open_in_place(
+        path: PathBuf,
+        superblock: &Superblock,
+    ) -> Result<Arc<Tracker>, MetaError> {
+        Self::open_with(path, superblock, true)
+    }
+
+    fn open_with(
+        path: PathBuf,
+        superblock: &Superblock,
+        #[cfg_attr(not(test), allow(unused_variables))] in_place: bool,
+    ) -> Result<Arc<Tracker>, MetaError> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -119,6 +140,8 @@ impl Tracker {
             al: Mutex::new(al),
             al_writer: tokio::sync::Mutex::new(()),
             al_room: Notify::new(),
+            #[cfg(test)]
+            in_place,
         };
         tracker.recover_crash()?;
         Ok(Arc::new(tracker))
@@ -196,8 +219,20 @@ impl Tracker {
         if writes.is_empty() {
             return Ok(());
         }
+        self.off_thread(move |me| me.write_blocking(&writes)).await
+    }
+
+    /// Runs `work` on a blocking thread: metadata writes wait for the disk.
+    async fn off_thread(
+        self: &Arc<Self>,
+        work: impl FnOnce(&Tracker) -> Result<(), MetaError> + Send + 'static,
+    ) -> Result<(), MetaError> {
+        #[cfg(test)]
+        if self.in_place {
+            return work(self);
+        }
         let me = self.clone();
-        tokio::task::spawn_blocking(move || me.write_blocking(&writes))
+        tokio::task::spawn_blocking(move || work(&me))
             .await
             .map_err(|e| {
                 io_error(
@@ -334,18 +369,10 @@ impl Tracker {
     pub async fn close(self: &Arc<Self>) -> Result<(), MetaError> {
         let _writer = self.al_writer.lock().await;
         self.flush().await?;
-        let me = self.clone();
-        tokio::task::spawn_blocking(move || {
+        self.off_thread(|me| {
             let blocks = lock(&me.al).clear(me.instance);
             me.write_al_blocking(&blocks)
         })
         .await
-        .map_err(|e| {
-            io_error(
-                "metadata writer failed for",
-                &self.path,
-                std::io::Error::other(e),
-            )
-        })?
     }
 }
