@@ -773,10 +773,13 @@ impl Cluster {
 
 impl Drop for Cluster {
     /// Ends every connection, so background steps waiting on one (a
-    /// resync whose data never flows here) end and free the disks.
+    /// resync whose data never flows here) end and free the disks, and
+    /// sessions, which outlive the cores they report to, do not go on
+    /// heartbeating beside the next history's.
     fn drop(&mut self) {
-        for wire in self.wires.values() {
-            wire.link.close("the test is over");
+        let wires = self.wires.values().map(|wire| &wire.link);
+        for link in wires.chain(self.session_links.values()) {
+            link.close("the test is over");
         }
     }
 }
@@ -2057,6 +2060,9 @@ async fn data_history(seed: u64, steps: usize) -> Result<usize, String> {
         }
     }
     let Some(serving) = serving else {
+        for (_, _, write) in &writes {
+            write.abort();
+        }
         return Err(format!(
             "no Primary after healing: {:?}; steps {trace:?}",
             data_nodes_of(shape)
@@ -2065,6 +2071,9 @@ async fn data_history(seed: u64, steps: usize) -> Result<usize, String> {
                 .collect::<Vec<_>>()
         ));
     };
+    for (_, _, write) in &writes {
+        write.abort();
+    }
     let storage = cluster.volumes[&serving].storage().clone();
     for block in &acked {
         let on_disk = storage
