@@ -2191,9 +2191,20 @@ fn choose_step(rng: &mut impl rand::Rng, cluster: &Cluster, shape: Shape) -> Ste
 }
 
 /// Whether node `id`'s disk is behind, or another data node is UpToDate
-/// in its generation.
+/// in its generation. Not while it records a generation, nor once it gave
+/// one up: a voter may have recorded that generation, and this disk may
+/// be the only one that knows it was given up. A node that restarts then
+/// is outdated by the voter's vote, and the disk that could have told
+/// otherwise is gone: no node is left UpToDate. That is a liveness gap,
+/// not a safety one (no write was acknowledged in a generation given up,
+/// and `primary --force` on the node with the newest data ends it), and
+/// is left open.
 fn has_a_copy_elsewhere(cluster: &Cluster, shape: Shape, id: u8) -> bool {
     let mine = cluster.status(id);
+    let core = &cluster.cores[&id];
+    if core.generation_change.is_some() || !core.meta.superblock().abandoned.is_empty() {
+        return false;
+    }
     mine.disk == DiskState::Outdated
         || data_nodes_of(shape).into_iter().any(|other| {
             let theirs = cluster.status(other);
@@ -2259,10 +2270,13 @@ async fn take_step(cluster: &mut Cluster, shape: Shape, step: Step) -> String {
             cluster.fail_metadata(id);
             format!("metadata of {id} fails")
         }
-        Step::DiskFails(id) => {
+        Step::DiskFails(id) if has_a_copy_elsewhere(cluster, shape, id) => {
             cluster.fail_bitmap_write(id);
             format!("disk of {id} fails")
         }
+        // Checked again when replayed: a shrunk history must not lose the
+        // last good copy either.
+        Step::DiskFails(id) => format!("disk of {id} fails (skipped: the last good copy)"),
         Step::Invalidate(id) => {
             // Only with every other data node's view fresh both ways: two
             // nodes that each invalidate on a stale view of the other have
