@@ -324,13 +324,19 @@ impl Cluster {
         let mut left = by;
         while !left.is_zero() {
             let tick = left.min(super::core::TICK);
-            tokio::time::advance(tick).await;
+            self.tick(tick).await;
             left -= tick;
-            for id in self.awake() {
-                self.step(id, Action::Tick);
-            }
             self.pump();
             self.quiesce().await;
+        }
+    }
+
+    /// Moves tokio's paused clock by `by` (at most a tick) and runs every
+    /// awake core's timers.
+    async fn tick(&mut self, by: std::time::Duration) {
+        tokio::time::advance(by).await;
+        for id in self.awake() {
+            self.step(id, Action::Tick);
         }
     }
 
@@ -343,13 +349,7 @@ impl Cluster {
             for _ in 0..16 {
                 tokio::task::yield_now().await;
             }
-            let mut moved = false;
-            for id in self.awake() {
-                while let Some(internal) = self.cores.get_mut(&id).unwrap().next_internal() {
-                    self.step(id, Action::Internal(internal));
-                    moved = true;
-                }
-            }
+            let moved = self.hand_in_one_round();
             self.pump();
             if !moved {
                 return;
@@ -682,11 +682,8 @@ impl Cluster {
                 Err(_) if waited >= give_up => return None,
                 Err(_) => {}
             }
-            tokio::time::advance(super::core::TICK).await;
+            self.tick(super::core::TICK).await;
             waited += super::core::TICK;
-            for id in self.awake() {
-                self.step(id, Action::Tick);
-            }
         }
     }
 
@@ -711,11 +708,8 @@ impl Cluster {
                         .map(|(id, v)| (*id, v.gate(), self.cores[id].lease.remaining()))
                         .collect::<Vec<_>>()
                 );
-                tokio::time::advance(super::core::TICK).await;
+                self.tick(super::core::TICK).await;
                 waited += super::core::TICK;
-                for id in self.awake() {
-                    self.step(id, Action::Tick);
-                }
             }
         }
     }
@@ -727,11 +721,8 @@ impl Cluster {
         while !left.is_zero() {
             let tick = left.min(super::core::TICK);
             self.settle_sessions().await;
-            tokio::time::advance(tick).await;
+            self.tick(tick).await;
             left -= tick;
-            for id in self.awake() {
-                self.step(id, Action::Tick);
-            }
         }
         self.settle_sessions().await;
     }
@@ -952,6 +943,16 @@ fn answered(mut pending: oneshot::Receiver<CoreReply>) -> Option<Response> {
         Ok(CoreReply::Response(response)) => Some(response),
         _ => None,
     }
+}
+
+/// Both effects were carried out, `first` before `then`.
+fn assert_carried_out_in_order(applied: &[String], first: &str, then: &str) {
+    let first_at = applied.iter().position(|e| e == first);
+    let then_at = applied.iter().position(|e| e == then);
+    assert!(
+        matches!((first_at, then_at), (Some(f), Some(t)) if f < t),
+        "expected {first:?} before {then:?}: {applied:?}"
+    );
 }
 
 /// `behind` and `source` met: no split-brain on either side, and
@@ -1635,14 +1636,7 @@ async fn writes_waiting_on_a_lost_peer_are_released_only_once_the_gate_holds() {
     cluster.cut(ALPHA, BETA);
     cluster.pump();
     let applied = super::effects::take_applied();
-    let held = applied.iter().position(|e| e == "gate held");
-    let released = applied
-        .iter()
-        .position(|e| *e == format!("loss of {BETA} handled"));
-    assert!(
-        matches!((held, released), (Some(h), Some(r)) if h < r),
-        "{applied:?}"
-    );
+    assert_carried_out_in_order(&applied, "gate held", &format!("loss of {BETA} handled"));
     assert!(matches!(cluster.gate(ALPHA), Gate::Held { .. }));
 }
 
@@ -1659,12 +1653,7 @@ async fn a_demotion_is_answered_only_once_the_gate_says_secondary() {
     cluster.next_background(ALPHA).await;
     assert!(done(&answered(demoted)));
     let applied = super::effects::take_applied();
-    let secondary = applied.iter().position(|e| e == "gate closed (NotPrimary)");
-    let answer = applied.iter().position(|e| e == "answer");
-    assert!(
-        matches!((secondary, answer), (Some(g), Some(a)) if g < a),
-        "{applied:?}"
-    );
+    assert_carried_out_in_order(&applied, "gate closed (NotPrimary)", "answer");
 }
 
 #[tokio::test(start_paused = true)]
@@ -1696,13 +1685,10 @@ async fn writes_waiting_on_a_lost_peer_fail_when_rule_a_cannot_be_recorded() {
     cluster.cut(ALPHA, BETA);
     cluster.pump();
     let applied = super::effects::take_applied();
-    let closed = applied.iter().position(|e| e == "gate closed (NotPrimary)");
-    let released = applied
-        .iter()
-        .position(|e| *e == format!("loss of {BETA} handled"));
-    assert!(
-        matches!((closed, released), (Some(c), Some(r)) if c < r),
-        "{applied:?}"
+    assert_carried_out_in_order(
+        &applied,
+        "gate closed (NotPrimary)",
+        &format!("loss of {BETA} handled"),
     );
     assert!(!applied.iter().any(|e| e == "gate open"), "{applied:?}");
     assert!(
